@@ -1,0 +1,86 @@
+# wadi-companion: make reproduce | make test | make venv | make clean
+#
+#   make reproduce                 run every notebook (profile tiny) in place, refresh results/
+#   ONLY=00 make reproduce         only notebook 00 (comma-separated ids: ONLY=00,03)
+#   FRESH=1 make reproduce         ignore cached artifacts in data/ and retrain
+#   PROFILE=smoke make reproduce   another profile: smoke | tiny | paper
+#   make test                      unit tests, smoke run of every notebook, nbval of the committed notebooks
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+MAKEFLAGS += --no-builtin-rules --no-builtin-variables
+.SUFFIXES:
+.DELETE_ON_ERROR:
+.NOTPARALLEL:
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+PROFILE ?= tiny
+ONLY ?=
+FRESH ?=
+REPRODUCE_FLAGS := --profile $(PROFILE) $(if $(ONLY),--only $(ONLY)) $(if $(filter 1,$(FRESH)),--fresh)
+
+# The numbered notebooks (executed copies of failed runs excluded); nbval checks them as committed.
+NOTEBOOKS := $(sort $(filter-out %.failed.ipynb,$(wildcard notebooks/[0-9][0-9]_*.ipynb)))
+
+.PHONY: venv reproduce test test-unit test-smoke test-nbval clean
+
+venv: $(STAMP)
+
+# Reinstalls only when requirements.txt or pyproject.toml change. A new venv gets a setuptools that builds
+# editable installs by itself, so the editable install of this repo needs no build isolation (works offline).
+$(STAMP): requirements.txt pyproject.toml
+	@if [ ! -x $(PY) ]; then \
+		$(PYTHON) -m venv $(VENV) && $(PY) -m pip install --upgrade "setuptools>=70.1"; \
+	fi
+	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install --no-deps --no-build-isolation -e .
+	@touch $@
+
+reproduce: venv
+	$(PY) -m wadi_core.reproduce $(REPRODUCE_FLAGS)
+
+test: test-unit test-smoke test-nbval
+
+test-unit: venv
+	@echo "=== test 1/3: unit tests (pytest tests) ==="
+	@start=$$(date +%s); \
+	$(PY) -m pytest tests; \
+	echo "=== unit tests passed in $$(( $$(date +%s) - start )) s ==="
+
+# Every notebook, retrained from scratch at the smoke profile, network blocked, in a throw-away directory
+# (kept and named when the run fails, so the executed copy with the traceback can be read).
+test-smoke: venv
+	@echo "=== test 2/3: smoke run of every notebook (profile smoke, fresh, network blocked) ==="
+ifeq ($(NOTEBOOKS),)
+	@echo "no notebooks (notebooks/NN_name.ipynb) yet; skipping the smoke run"
+else
+	@start=$$(date +%s); smoke_dir=$$(mktemp -d); \
+	if $(PY) -m wadi_core.reproduce --profile smoke --fresh --block-network \
+		--output-dir "$$smoke_dir/notebooks" --data-dir "$$smoke_dir/data" --results-dir "$$smoke_dir/results"; \
+	then rm -rf "$$smoke_dir"; \
+	else echo "smoke run failed; its notebooks, data and results are kept in $$smoke_dir"; exit 1; fi; \
+	echo "=== smoke run passed in $$(( $$(date +%s) - start )) s ==="
+endif
+
+# Re-executes the committed notebooks with their committed parameters; WADI_NO_TRAIN=1 makes a missing
+# bundled artifact an error instead of a silent retrain, and results go to a throw-away directory.
+test-nbval: venv
+	@echo "=== test 3/3: nbval re-execution of the committed notebooks ==="
+ifeq ($(NOTEBOOKS),)
+	@echo "no committed notebooks (notebooks/NN_name.ipynb) yet; skipping nbval"
+else
+	@start=$$(date +%s); results_dir=$$(mktemp -d); trap 'rm -rf "$$results_dir"' EXIT; \
+	WADI_NO_TRAIN=1 WADI_RESULTS_DIR="$$results_dir" \
+		$(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider $(NOTEBOOKS); \
+	echo "=== nbval passed in $$(( $$(date +%s) - start )) s ==="
+endif
+
+# Python and notebook caches and build leftovers; keeps .venv, data/ and results/.
+clean:
+	find . -path ./$(VENV) -prune -o \( -name __pycache__ -o -name .ipynb_checkpoints \) -type d -print0 \
+		| xargs -0 rm -rf
+	rm -rf .pytest_cache build *.egg-info notebooks/*.failed.ipynb notebooks/.*.tmp.ipynb

@@ -1,0 +1,231 @@
+"""The paper's backbones: SD1.5, SD2.1-base and PixArt-α 256 (``paper`` profile, DESIGN.md §2).
+
+Two ways in, one config each:
+
+- :func:`build_meta_model` instantiates the denoiser from its hub ``config.json`` (bundled verbatim in
+  ``data/model_configs``) on the ``meta`` device: no weights, no memory, no network. This is what the parameter
+  and layer counts of WADI_PAPER.md §3.2–§3.3 are computed from (:func:`count_parameters`,
+  :func:`count_linear_layers`).
+- :func:`load_paper_backbone` loads the real weights, text encoder, tokenizer and DDPM scheduler from the model
+  hub for a GPU run, as the official ``train_dkd_sd.py`` / ``train_dkd_dit.py`` do (WADI_PAPER.md §4.2).
+
+Counts on the meta device (diffusers 0.42.1), checked by ``tests/test_paper_backbones.py``:
+
+| backbone | parameters | ``nn.Linear`` adapted by the student rule |
+|---|---|---|
+| ``sd15`` | 859,520,964 | 182 (under ``down_blocks`` / ``mid_block`` / ``up_blocks``) |
+| ``sd21-base`` | 865,910,724 | 214 (same rule; ``proj_in`` / ``proj_out`` are Linears here) |
+| ``pixart-alpha-256`` | 610,856,096 | 286 (every Linear of the transformer) |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+import transformers
+from torch import nn
+
+MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "data" / "model_configs"
+
+# Top-level modules whose Linears the SD student adapts (WADI_PAPER.md §3.2, "student rule").
+UNET_BLOCK_PREFIXES = ("down_blocks", "mid_block", "up_blocks")
+
+# transformers 5 returns a near-empty tokenizer (a few special tokens) instead of raising when the vocabulary
+# files are missing from the cache; anything this small cannot be CLIP's (49,408) or T5's (32,100) vocabulary.
+_MIN_TOKENIZER_SIZE = 1_000
+
+
+@dataclass(frozen=True)
+class PaperBackboneSpec:
+    """Where a paper backbone lives on the model hub and how WaDi adapts it (WADI_PAPER.md §3.3, §4.2)."""
+
+    hub_id: str  # repository of the denoiser weights
+    subfolder: str  # the denoiser's folder in ``hub_id``
+    model_class: str  # diffusers class built from the config
+    config_filename: str  # bundled copy of the denoiser's config.json in data/model_configs
+    components_hub_id: str  # repository of text encoder, tokenizer, scheduler and VAE
+    text_encoder: str  # human-readable description of the frozen text encoder
+    text_encoder_class: str  # transformers class of the text encoder
+    tokenizer_class: str  # transformers class of the tokenizer
+    max_length: int  # tokens per prompt (padding="max_length")
+    resolution: int  # image side in pixels; the latent side is resolution // 8
+    student_rank: int  # LoRaD rank of the one-step student
+    fake_rank: int  # LoRaD rank of the fake score
+
+
+PAPER_BACKBONES: dict[str, PaperBackboneSpec] = {
+    "sd15": PaperBackboneSpec(
+        hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        subfolder="unet",
+        model_class="UNet2DConditionModel",
+        config_filename="sd15_unet.json",
+        components_hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        text_encoder="CLIP ViT-L/14 text tower (123M), 77 tokens",
+        text_encoder_class="CLIPTextModel",
+        tokenizer_class="CLIPTokenizer",
+        max_length=77,
+        resolution=512,
+        student_rank=256,
+        fake_rank=32,
+    ),
+    "sd21-base": PaperBackboneSpec(
+        hub_id="stabilityai/stable-diffusion-2-1-base",
+        subfolder="unet",
+        model_class="UNet2DConditionModel",
+        config_filename="sd21_base_unet.json",
+        components_hub_id="stabilityai/stable-diffusion-2-1-base",
+        text_encoder="OpenCLIP ViT-H/14 text tower (340M), 77 tokens",
+        text_encoder_class="CLIPTextModel",
+        tokenizer_class="CLIPTokenizer",
+        max_length=77,
+        resolution=512,
+        student_rank=256,
+        fake_rank=32,
+    ),
+    # The 256px repository ships only the transformer; its T5 encoder, tokenizer, scheduler and VAE are the
+    # ones of the 512px pipeline (same T5-v1.1-XXL, same β 1e-4 → 0.02 schedule, same sd-vae-ft-ema).
+    # The hub config names the legacy class Transformer2DModel, which diffusers maps to PixArtTransformer2DModel.
+    "pixart-alpha-256": PaperBackboneSpec(
+        hub_id="PixArt-alpha/PixArt-XL-2-256x256",
+        subfolder="transformer",
+        model_class="PixArtTransformer2DModel",
+        config_filename="pixart_alpha_256_transformer.json",
+        components_hub_id="PixArt-alpha/PixArt-XL-2-512x512",
+        text_encoder="T5-v1.1-XXL encoder (4.76B), 120 tokens with attention mask",
+        text_encoder_class="T5EncoderModel",
+        tokenizer_class="T5Tokenizer",
+        max_length=120,
+        resolution=256,
+        student_rank=128,
+        fake_rank=32,
+    ),
+}
+
+
+@dataclass
+class PaperBackbone:
+    """A loaded paper backbone: frozen denoiser, text encoder, tokenizer, DDPM scheduler and VAE."""
+
+    spec: PaperBackboneSpec
+    denoiser: nn.Module  # UNet2DConditionModel (SD) or PixArtTransformer2DModel
+    text_encoder: nn.Module
+    tokenizer: Any
+    scheduler: diffusers.DDPMScheduler
+    vae: diffusers.AutoencoderKL
+
+
+def get_spec(name: str) -> PaperBackboneSpec:
+    """The :class:`PaperBackboneSpec` of ``name``; ValueError naming the allowed names otherwise."""
+    if name not in PAPER_BACKBONES:
+        raise ValueError(f"unknown paper backbone {name!r}; choose one of {', '.join(PAPER_BACKBONES)}")
+    return PAPER_BACKBONES[name]
+
+
+def load_config(name: str) -> dict:
+    """The denoiser's hub ``config.json`` for ``name``, read from ``data/model_configs``."""
+    return json.loads((MODEL_CONFIG_DIR / get_spec(name).config_filename).read_text())
+
+
+def build_meta_model(name: str) -> nn.Module:
+    """Instantiate the denoiser of ``name`` on the ``meta`` device: exact architecture, no weights, no memory.
+
+    Parameters and buffers are all created under ``torch.device("meta")``; the model can be inspected and
+    counted (WADI_PAPER.md §3.3) but not run.
+    """
+    model_class = getattr(diffusers, get_spec(name).model_class)
+    config = load_config(name)
+    with torch.device("meta"):
+        return model_class.from_config(config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Total number of parameters (buffers excluded), as in the "Backbone" column of WADI_PAPER.md §3.3."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_linear_layers(model: nn.Module, prefixes: tuple[str, ...] | None = None) -> int:
+    """Number of ``nn.Linear`` modules, optionally only those under the given top-level modules.
+
+    Args:
+        model: the model to inspect.
+        prefixes: qualified-name prefixes, e.g. :data:`UNET_BLOCK_PREFIXES` for the SD student rule of
+            WADI_PAPER.md §3.2; a module counts when its name equals a prefix or starts with ``prefix + "."``.
+            ``None`` counts every Linear (the PixArt student rule).
+
+    Returns:
+        The number of matching ``nn.Linear`` modules.
+    """
+    return sum(
+        isinstance(module, nn.Linear)
+        and (prefixes is None or any(name == p or name.startswith(p + ".") for p in prefixes))
+        for name, module in model.named_modules()
+    )
+
+
+def load_paper_backbone(name: str, device: str = "cuda", dtype: torch.dtype = torch.float16) -> PaperBackbone:
+    """Load the real weights of a paper backbone from the model hub (``paper`` profile).
+
+    Mirrors the official scripts (WADI_PAPER.md §4.2, §4.5): the denoiser in ``dtype`` from ``spec.hub_id``;
+    text encoder, tokenizer, VAE and a ``DDPMScheduler`` (built from the repository's ``scheduler`` config)
+    from ``spec.components_hub_id``. Models are frozen and in eval mode. With ``HF_HUB_OFFLINE=1`` only the
+    local cache is read, so the call fails fast instead of waiting on the network.
+
+    Args:
+        name: one of :data:`PAPER_BACKBONES`.
+        device: where to put the models; the paper scale needs a GPU.
+        dtype: weight dtype of denoiser, text encoder and VAE (the official code loads fp16).
+
+    Returns:
+        A :class:`PaperBackbone`.
+
+    Raises:
+        ValueError: unknown ``name``.
+        RuntimeError: ``device`` is CUDA but no GPU is visible, or a component is neither reachable on the hub
+            nor in the local cache.
+    """
+    spec = get_spec(name)
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(_paper_error(spec.hub_id, "CUDA is not available"))
+    hub = {"local_files_only": _hub_offline()}
+    repo = spec.components_hub_id
+
+    denoiser_class = getattr(diffusers, spec.model_class)
+    denoiser = _from_hub(denoiser_class, spec.hub_id, subfolder=spec.subfolder, dtype=dtype, **hub)
+    text_encoder_class = getattr(transformers, spec.text_encoder_class)
+    text_encoder = _from_hub(text_encoder_class, repo, subfolder="text_encoder", dtype=dtype, **hub)
+    tokenizer = _from_hub(getattr(transformers, spec.tokenizer_class), repo, subfolder="tokenizer", **hub)
+    if len(tokenizer) < _MIN_TOKENIZER_SIZE:
+        raise RuntimeError(_paper_error(repo, f"tokenizer has only {len(tokenizer)} tokens; vocabulary files missing"))
+    scheduler = _from_hub(diffusers.DDPMScheduler, repo, subfolder="scheduler", **hub)
+    vae = _from_hub(diffusers.AutoencoderKL, repo, subfolder="vae", dtype=dtype, **hub)
+
+    for model in (denoiser, text_encoder, vae):
+        model.requires_grad_(False).eval().to(device)
+    return PaperBackbone(spec, denoiser, text_encoder, tokenizer, scheduler, vae)
+
+
+def _from_hub(cls: Any, repo_id: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(repo_id, **kwargs)``, turning hub and cache failures into one clear RuntimeError."""
+    try:
+        return cls.from_pretrained(repo_id, **kwargs)
+    except OSError as err:  # huggingface_hub's errors (HTTP, cache miss, offline mode) are OSErrors too
+        raise RuntimeError(_paper_error(repo_id, f"{type(err).__name__}: {err}")) from err
+
+
+def _paper_error(repo_id: str, reason: str) -> str:
+    return (
+        f"profile 'paper' needs GPU and model-hub access: could not load {repo_id} ({reason}). "
+        "Run it on a GPU machine that can reach the model hub (or has the weights cached), "
+        "or use profile 'tiny'."
+    )
+
+
+def _hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set, read at call time (huggingface_hub reads it once, at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}

@@ -1,0 +1,359 @@
+"""The tiny world's backbone, built in Stable Diffusion's mould (DESIGN.md §2).
+
+- ``CLIPTokenizer`` (BPE trained on the caption grammar) + tiny ``CLIPModel`` trained contrastively on
+  ShapesWorld; its frozen text tower conditions the teacher exactly as SD's frozen CLIP text encoder does.
+- Teacher: pixel-space ``UNet2DConditionModel`` (cross-attention only at 8×8 and in the mid block, for CPU
+  speed), ε-prediction, 10 % caption dropout for classifier-free guidance.
+- Scheduler: SD1.5's exact DDPM config (1000 steps, scaled_linear 0.00085→0.012), so ᾱ at t=999 is 0.0047,
+  the value WaDi's one-step formula assumes (WADI_PAPER.md §4.1).
+
+Pixel space rather than a tiny-VAE latent space: at 32×32 the VAE would add its own training stage and its
+8×8 latents lose the small objects (CPU_FACTS.md §2.4); the notebook shows the measured distillability.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from tqdm.auto import tqdm
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig
+
+from ..artifacts import (
+    TrainedModel,
+    artifact_path,
+    cached,
+    load_checkpoint,
+    load_weights_strict,
+    log_tensors,
+    save_checkpoint,
+    split_log,
+    training_allowed,
+)
+from ..optim import cosine_lr, set_lr
+from ..profiles import ClipTrainConfig, Profile, TeacherTrainConfig, WorldConfig
+from ..world import ShapesDataset, make_split
+
+# SD1.5's scheduler config (stable-diffusion-v1-5, scheduler/scheduler_config.json). Each scheduler class
+# takes the fields it knows, as `from_config` does when a pipeline swaps schedulers.
+SD15_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    trained_betas=None,
+    prediction_type="epsilon",
+)
+
+
+def make_scheduler() -> DDPMScheduler:
+    """SD1.5's DDPM scheduler: ᾱ_999 = 0.0047, i.e. the one-step x0 formula amplifies ε errors by 14.6."""
+    return DDPMScheduler.from_config(SD15_SCHEDULER_CONFIG)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokenizer and tiny CLIP
+# --------------------------------------------------------------------------------------------------------------
+
+
+def train_tokenizer(captions: list[str], config: ClipTrainConfig) -> CLIPTokenizer:
+    """CLIP BPE tokenizer (CLIP's pre-tokenizer, ``</w>`` suffix, BOS/EOS) trained on the caption grammar."""
+    base = CLIPTokenizer(model_max_length=config.max_length)
+    return base.train_new_from_iterator(captions, vocab_size=config.vocab_size)
+
+
+def _tokenizer_files(tokenizer: CLIPTokenizer) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return json.dumps({p.name: p.read_text() for p in sorted(Path(tmp).iterdir())})
+
+
+def _tokenizer_from_files(files: str) -> CLIPTokenizer:
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in json.loads(files).items():
+            (Path(tmp) / name).write_text(text)
+        return CLIPTokenizer.from_pretrained(tmp)
+
+
+def clip_model_config(config: ClipTrainConfig, tokenizer: CLIPTokenizer, resolution: int) -> CLIPConfig:
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        max_position_embeddings=config.max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=config.projection_dim,
+    )
+    vision = CLIPVisionConfig(
+        image_size=resolution,
+        patch_size=config.patch_size,
+        num_channels=3,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        projection_dim=config.projection_dim,
+    )
+    return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=config.projection_dim)
+
+
+def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids (B, max_length), padded like SD's pipeline (``padding="max_length"``, truncation)."""
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def clip_embeddings(model: CLIPModel, input_ids: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm projected text and image embeddings (B, projection_dim) of the tiny CLIP."""
+    text = model.text_projection(model.text_model(input_ids=input_ids).pooler_output)
+    image = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+    return F.normalize(text, dim=-1), F.normalize(image, dim=-1)
+
+
+def contrastive_loss(model: CLIPModel, input_ids: torch.Tensor, pixels: torch.Tensor, caption_ids: torch.Tensor):
+    """Symmetric InfoNCE where every pair sharing a caption counts as a positive (the grammar repeats captions)."""
+    text, image = clip_embeddings(model, input_ids, pixels)
+    logits = model.logit_scale.exp() * image @ text.T  # (B, B)
+    same = (caption_ids[:, None] == caption_ids[None, :]).float()
+    targets = same / same.sum(dim=1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+
+
+def _clip_artifact_config(world: WorldConfig, config: ClipTrainConfig) -> dict:
+    return {"world": world, "clip": config}
+
+
+def train_tiny_clip(train: ShapesDataset, config: ClipTrainConfig) -> tuple[CLIPModel, CLIPTokenizer, dict]:
+    """Train the tokenizer, then the tiny CLIP contrastively (AdamW, cosine lr) on a ShapesWorld split."""
+    torch.manual_seed(config.seed)
+    tokenizer = train_tokenizer(train.captions, config)
+    model = CLIPModel(clip_model_config(config, tokenizer, train.images.shape[-1]))
+    input_ids = tokenize(tokenizer, train.captions)
+    _, caption_ids = torch.unique(input_ids, dim=0, return_inverse=True)
+    pixels = train.images_float()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(config.seed)
+    log: dict[str, list[float]] = {"step": [], "loss": [], "seconds": []}
+    start = time.perf_counter()
+    model.train()
+    for step in tqdm(range(config.steps), desc="tiny CLIP", mininterval=2.0):
+        batch = torch.randint(len(train), (config.batch_size,), generator=generator)
+        loss = contrastive_loss(model, input_ids[batch], pixels[batch], caption_ids[batch])
+        set_lr(optimizer, cosine_lr(step, config.steps, config.lr, config.lr / 10, warmup_steps=config.steps // 20))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        for key, value in (("step", step), ("loss", loss.item()), ("seconds", time.perf_counter() - start)):
+            log[key].append(float(value))
+    return model.eval(), tokenizer, log
+
+
+def load_or_train_tiny_clip(profile: Profile) -> tuple[TrainedModel, CLIPTokenizer]:
+    """The tiny CLIP and tokenizer of ``profile``: loaded from ``data/`` when cached, else trained and saved."""
+    key = _clip_artifact_config(profile.world, profile.clip)
+    path = cached("tiny_clip", key)
+    if path is not None:
+        tensors, meta = load_checkpoint(path, key)
+        tokenizer = _tokenizer_from_files(meta["tokenizer"])
+        model = CLIPModel(CLIPConfig.from_dict(json.loads(meta["model_config"])))
+        weights, log = split_log(tensors)
+        load_weights_strict(model, weights, path)
+        return TrainedModel(model.eval(), log, trained=False, path=path), tokenizer
+    path = artifact_path("tiny_clip", key)
+    training_allowed("tiny_clip", path)
+    model, tokenizer, log = train_tiny_clip(make_split("train", profile.world), profile.clip)
+    save_checkpoint(
+        path,
+        {**model.state_dict(), **log_tensors(log)},
+        key,
+        tokenizer=_tokenizer_files(tokenizer),
+        model_config=model.config.to_json_string(),
+    )
+    return TrainedModel(model, log, trained=True, path=path), tokenizer
+
+
+def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
+    """The frozen text tower of the tiny CLIP as a stand-alone ``CLIPTextModel`` (SD's text encoder role)."""
+    encoder = CLIPTextModel(clip.config.text_config)
+    encoder.load_state_dict(clip.text_model.state_dict())
+    return encoder.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Teacher UNet
+# --------------------------------------------------------------------------------------------------------------
+
+
+def teacher_unet_config(config: TeacherTrainConfig, resolution: int, cross_attention_dim: int) -> dict:
+    """``UNet2DConditionModel`` kwargs of the tiny teacher (diffusers' config, recorded in the checkpoint)."""
+    return dict(
+        sample_size=resolution,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=list(config.block_out_channels),
+        down_block_types=list(config.down_block_types),
+        up_block_types=list(config.up_block_types),
+        layers_per_block=config.layers_per_block,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=config.attention_heads,  # diffusers reads this as the number of heads
+        norm_num_groups=8,
+    )
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]) -> torch.Tensor:
+    """Per-token text states (B, L, D): the UNet's ``encoder_hidden_states``, as SD uses CLIP's last layer."""
+    return text_encoder(input_ids=tokenize(tokenizer, prompts)).last_hidden_state
+
+
+def train_teacher(
+    train: ShapesDataset, text_states: torch.Tensor, null_state: torch.Tensor, config: TeacherTrainConfig
+) -> tuple[UNet2DConditionModel, dict]:
+    """ε-prediction training with SD1.5's schedule, caption dropout and an EMA of the weights (returned)."""
+    torch.manual_seed(config.seed)
+    unet = UNet2DConditionModel(**teacher_unet_config(config, train.images.shape[-1], text_states.shape[-1]))
+    ema = UNet2DConditionModel(**unet.config).requires_grad_(False)
+    ema.load_state_dict(unet.state_dict())
+    scheduler = make_scheduler()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(config.seed)
+    pixels = train.images_float()
+    log: dict[str, list[float]] = {"step": [], "loss": [], "lr": [], "seconds": []}
+    start = time.perf_counter()
+    unet.train()
+    for step in tqdm(range(config.steps), desc="teacher UNet", mininterval=5.0):
+        batch = torch.randint(len(train), (config.batch_size,), generator=generator)
+        x0 = pixels[batch]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(scheduler.config.num_train_timesteps, (len(batch),), generator=generator)
+        drop = torch.rand(len(batch), generator=generator) < config.caption_dropout
+        cond = torch.where(drop[:, None, None], null_state.expand_as(text_states[batch]), text_states[batch])
+        pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, noise)
+        lr = cosine_lr(step, config.steps, config.lr, config.lr_min, config.warmup_steps)
+        set_lr(optimizer, lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            decay = min(config.ema_decay, (1 + step) / (10 + step))
+            for p_ema, p in zip(ema.parameters(), unet.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+        for key, value in (("step", step), ("loss", loss.item()), ("lr", lr), ("seconds", time.perf_counter() - start)):
+            log[key].append(float(value))
+    return ema.eval(), log
+
+
+def load_or_train_teacher(profile: Profile, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel) -> TrainedModel:
+    """The teacher of ``profile``, loaded from ``data/`` when cached, else trained on the frozen text tower."""
+    key = {"clip": _clip_artifact_config(profile.world, profile.clip), "teacher": profile.teacher}
+    path = cached("teacher_unet", key)
+    if path is not None:
+        tensors, meta = load_checkpoint(path, key)
+        unet = UNet2DConditionModel(**json.loads(meta["model_config"]))
+        weights, log = split_log(tensors)
+        load_weights_strict(unet, weights, path)
+        return TrainedModel(unet.eval().requires_grad_(False), log, trained=False, path=path)
+    path = artifact_path("teacher_unet", key)
+    training_allowed("teacher_unet", path)
+    train = make_split("train", profile.world)
+    states = encode_prompts(tokenizer, text_encoder, train.captions)
+    null_state = encode_prompts(tokenizer, text_encoder, [""])
+    unet, log = train_teacher(train, states, null_state, profile.teacher)
+    unet_config = teacher_unet_config(profile.teacher, profile.world.resolution, states.shape[-1])
+    save_checkpoint(path, {**unet.state_dict(), **log_tensors(log)}, key, model_config=json.dumps(unet_config))
+    return TrainedModel(unet.requires_grad_(False), log, trained=True, path=path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The backbone object and multi-step sampling
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TinyBackbone:
+    """Frozen text encoder + tokenizer, teacher UNet and SD1.5 scheduler — what SD's pipeline holds."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    scheduler: DDPMScheduler
+    clip: CLIPModel  # the full tiny CLIP (text + vision), for the tiny-world CLIP score
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts)
+
+    def null_embedding(self) -> torch.Tensor:
+        """Embedding of the empty prompt (1, L, D): the unconditional branch of CFG."""
+        return self.encode_prompts([""])
+
+    def sample(self, prompts: list[str], num_inference_steps: int, guidance_scale: float, seed: int,
+               batch_size: int = 128, progress: bool = True) -> torch.Tensor:
+        """Images in [0, 1] (B, 3, H, W): N-step DDIM (η=0) with classifier-free guidance."""
+        return sample_ddim(
+            self.unet, self.scheduler, self.encode_prompts(prompts), self.null_embedding(),
+            num_inference_steps, guidance_scale, seed, batch_size, progress,
+        )
+
+
+@torch.no_grad()
+def sample_ddim(
+    unet: UNet2DConditionModel,
+    scheduler: DDPMScheduler,
+    text_states: torch.Tensor,
+    null_state: torch.Tensor,
+    num_inference_steps: int,
+    guidance_scale: float,
+    seed: int,
+    batch_size: int = 128,
+    progress: bool = True,
+) -> torch.Tensor:
+    """DDIM with CFG, ε̂ = ε̂(∅) + g·(ε̂(c) − ε̂(∅)); all initial noise is drawn up front from ``seed``.
+
+    Drawing the noise before batching makes the images independent of ``batch_size``.
+    """
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(num_inference_steps)
+    size = unet.config.sample_size
+    channels = unet.config.in_channels
+    noise = torch.randn(len(text_states), channels, size, size, generator=torch.Generator().manual_seed(seed))
+    out = []
+    chunks = range(0, len(text_states), batch_size)
+    for start in tqdm(chunks, desc=f"DDIM-{num_inference_steps} CFG {guidance_scale}", disable=not progress):
+        cond = text_states[start : start + batch_size]
+        x = noise[start : start + batch_size]
+        both = torch.cat([null_state.expand_as(cond), cond]) if guidance_scale != 1.0 else cond
+        for t in ddim.timesteps:
+            model_in = torch.cat([x, x]) if guidance_scale != 1.0 else x
+            eps = unet(model_in, t, encoder_hidden_states=both).sample
+            if guidance_scale != 1.0:
+                eps_null, eps_cond = eps.chunk(2)
+                eps = eps_null + guidance_scale * (eps_cond - eps_null)
+            x = ddim.step(eps, t, x).prev_sample
+        out.append(((x.clamp(-1, 1) + 1) / 2))
+    return torch.cat(out)
+
+
+def load_tiny_backbone(profile: Profile) -> TinyBackbone:
+    """Load (or, on a fresh machine, train) the tiny CLIP and teacher of ``profile``."""
+    clip, tokenizer = load_or_train_tiny_clip(profile)
+    text_encoder = text_encoder_from_clip(clip.model)
+    teacher = load_or_train_teacher(profile, tokenizer, text_encoder)
+    return TinyBackbone(tokenizer, text_encoder, teacher.model, make_scheduler(), clip.model.requires_grad_(False))

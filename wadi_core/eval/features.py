@@ -1,0 +1,114 @@
+"""The ShapesWorld feature network: FID's "Inception analog" and the attribute reader in one CNN.
+
+No Inception or CLIP weights exist offline (CPU_FACTS.md §7), so the tiny world trains its own feature
+network on ShapesWorld labels. Its penultimate layer (``features``) feeds clean-fid through
+``custom_feat_extractor``; its heads read, for each of the 12 (colour, shape) object classes, whether the
+object is present and its centre and radius — enough to check every attribute a caption names.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..artifacts import (
+    TrainedModel,
+    artifact_path,
+    cached,
+    load_checkpoint,
+    load_weights_strict,
+    log_tensors,
+    save_checkpoint,
+    split_log,
+    training_allowed,
+)
+from ..optim import cosine_lr, set_lr
+from ..profiles import Profile, ReaderTrainConfig
+from ..world import COMBOS, ShapesDataset, make_split, object_targets
+
+
+class ShapesFeatureNet(nn.Module):
+    """Conv stack 32→16→8→4 (GroupNorm + SiLU), a ``feature_dim`` embedding, and per-object heads.
+
+    Input: images in [-1, 1], (B, 3, 32, 32). Flattening the 4×4 map (instead of global pooling) keeps the
+    object positions in the features, so FID sees layout as well as colour and shape.
+    """
+
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 128), feature_dim: int = 128, resolution: int = 32):
+        super().__init__()
+        layers, in_ch = [], 3
+        for out_ch in channels:
+            layers += [
+                nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.GroupNorm(8, out_ch), nn.SiLU(),
+                nn.Conv2d(out_ch, out_ch, 3, padding=1, stride=2), nn.GroupNorm(8, out_ch), nn.SiLU(),
+            ]
+            in_ch = out_ch
+        self.trunk = nn.Sequential(*layers)
+        spatial = resolution // 2 ** len(channels)
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(in_ch * spatial * spatial, feature_dim), nn.SiLU())
+        self.presence_head = nn.Linear(feature_dim, len(COMBOS))
+        self.geometry_head = nn.Linear(feature_dim, len(COMBOS) * 3)
+        self.feature_dim = feature_dim
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (B, feature_dim): what FID compares."""
+        return self.embed(self.trunk(images))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Presence logits (B, 12) and geometry (B, 12, 3) = (cx, cy, radius) / 32 per object class."""
+        h = self.features(images)
+        return self.presence_head(h), self.geometry_head(h).view(len(h), len(COMBOS), 3)
+
+
+def reader_loss(net: ShapesFeatureNet, images: torch.Tensor, presence: torch.Tensor, geometry: torch.Tensor):
+    """BCE on presence + L1 on the geometry of the objects that are present."""
+    logits, geo = net(images)
+    geo_error = (geo - geometry).abs().sum(-1) * presence
+    return F.binary_cross_entropy_with_logits(logits, presence) + 10 * geo_error.sum() / presence.sum()
+
+
+def train_feature_net(train: ShapesDataset, config: ReaderTrainConfig) -> tuple[ShapesFeatureNet, dict]:
+    """Supervised training on rendered images, with light Gaussian pixel noise so that slightly noisy
+    generated images are still read correctly."""
+    torch.manual_seed(config.seed)
+    net = ShapesFeatureNet(config.channels, config.feature_dim, train.images.shape[-1])
+    presence, geometry = object_targets(train.scenes)
+    pixels = train.images_float()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(config.seed)
+    log: dict[str, list[float]] = {"step": [], "loss": [], "seconds": []}
+    start = time.perf_counter()
+    net.train()
+    for step in tqdm(range(config.steps), desc="feature net", mininterval=2.0):
+        batch = torch.randint(len(train), (config.batch_size,), generator=generator)
+        sigma = 0.1 * torch.rand(len(batch), 1, 1, 1, generator=generator)
+        noisy = pixels[batch] + sigma * torch.randn(pixels[batch].shape, generator=generator)
+        loss = reader_loss(net, noisy, presence[batch], geometry[batch])
+        set_lr(optimizer, cosine_lr(step, config.steps, config.lr, config.lr / 20, warmup_steps=config.steps // 20))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for key, value in (("step", step), ("loss", loss.item()), ("seconds", time.perf_counter() - start)):
+            log[key].append(float(value))
+    return net.eval().requires_grad_(False), log
+
+
+def load_or_train_feature_net(profile: Profile) -> TrainedModel:
+    """The feature net of ``profile``: loaded from ``data/`` when cached, else trained and saved."""
+    key = {"world": profile.world, "reader": profile.reader}
+    path = cached("feature_net", key)
+    if path is not None:
+        tensors, _ = load_checkpoint(path, key)
+        net = ShapesFeatureNet(profile.reader.channels, profile.reader.feature_dim, profile.world.resolution)
+        weights, log = split_log(tensors)
+        load_weights_strict(net, weights, path)
+        return TrainedModel(net.eval().requires_grad_(False), log, trained=False, path=path)
+    path = artifact_path("feature_net", key)
+    training_allowed("feature_net", path)
+    net, log = train_feature_net(make_split("train", profile.world), profile.reader)
+    save_checkpoint(path, {**net.state_dict(), **log_tensors(log)}, key)
+    return TrainedModel(net, log, trained=True, path=path)

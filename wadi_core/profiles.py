@@ -1,0 +1,161 @@
+"""Run profiles: every size, step count, seed, learning rate and eval-set size in one place.
+
+| profile | where | purpose |
+|---|---|---|
+| ``smoke`` | any CPU, CI | proves every notebook runs headlessly; no quality claims |
+| ``tiny``  | any CPU, offline | the committed, readable reproduction (default) |
+| ``paper`` | GPU + model hub | SD1.5 / SD2.1-base / PixArt-α at paper scale |
+
+Notebooks read a profile with :func:`get_profile` and pass its sub-configs explicitly to ``wadi_core``
+functions; nothing else holds a magic number. Each sub-config is a frozen dataclass whose hash names the
+artifact it produces (see :mod:`wadi_core.artifacts`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+PROFILE_NAMES = ("smoke", "tiny", "paper")
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """ShapesWorld sizes (DESIGN.md §2). Seeds of the splits are disjoint by construction."""
+
+    resolution: int = 32  # pixels per side, as in the tiny teacher's sample_size
+    train_size: int = 20_000  # captioned training images (teacher, tiny CLIP, reader)
+    validation_size: int = 256  # prompt sheet for picking the guidance scale
+    coco14_size: int = 2_048  # `coco14-like` held-out captions + reference images (COCO-2014 30k analog)
+    coco17_size: int = 1_024  # `coco17-like` held-out captions + reference images (COCO-2017 5k analog)
+    two_object_fraction: float = 0.5  # share of two-object (relation) scenes
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ClipTrainConfig:
+    """Tiny CLIP (text + vision towers) trained contrastively on ShapesWorld."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    max_length: int = 16  # tokens, incl. BOS/EOS
+    vocab_size: int = 400  # BPE target size; the grammar saturates at 330 (every word one token)
+    patch_size: int = 4
+    projection_dim: int = 64
+    steps: int = 1_000
+    batch_size: int = 256
+    lr: float = 2e-3
+    seed: int = 1
+
+
+@dataclass(frozen=True)
+class TeacherTrainConfig:
+    """Pixel-space teacher UNet2DConditionModel, ε-prediction, SD1.5 DDPM schedule (DESIGN.md §2)."""
+
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D")
+    layers_per_block: int = 1
+    attention_heads: int = 4
+    steps: int = 6_000
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_min: float = 1e-4  # cosine decay floor
+    warmup_steps: int = 100
+    caption_dropout: float = 0.1  # null-prompt dropout for classifier-free guidance
+    ema_decay: float = 0.999
+    seed: int = 2
+
+
+@dataclass(frozen=True)
+class ReaderTrainConfig:
+    """ShapesWorld feature network (Inception analog for FID) + attribute reader."""
+
+    channels: tuple[int, ...] = (32, 64, 128)
+    feature_dim: int = 128
+    steps: int = 2_000
+    batch_size: int = 128
+    lr: float = 2e-3
+    seed: int = 3
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Multi-step teacher sampling (Table 1's teacher row: DDIM 25 steps, CFG 3 on SD)."""
+
+    num_inference_steps: int = 25
+    guidance_scale: float = 3.0  # the paper's SD value; the tiny teacher's own pick is `tiny_guidance_scale`
+    tiny_guidance_scale: float = 1.5
+    guidance_sweep: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.5)
+    sweep_prompts: int = 64  # validation sheet used to pick the tiny CFG
+    eval_samples: int = 512  # teacher samples scored on `coco14-like`
+    batch_size: int = 128
+    seed: int = 4
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    world: WorldConfig = field(default_factory=WorldConfig)
+    clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
+    teacher: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
+    reader: ReaderTrainConfig = field(default_factory=ReaderTrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    needs_gpu: bool = False
+
+    @property
+    def seeds(self) -> dict[str, int]:
+        """Every seed of the profile, for `results/manifest.json`."""
+        return {
+            name: getattr(self, name).seed
+            for name in ("world", "clip", "teacher", "reader", "sampling")
+        }
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _smoke() -> Profile:
+    # Mechanics only: a few steps of everything, tiny eval sets (FID needs more images than feature dims).
+    return Profile(
+        name="smoke",
+        world=WorldConfig(train_size=512, validation_size=16, coco14_size=160, coco17_size=160),
+        clip=ClipTrainConfig(steps=5, batch_size=32),
+        teacher=TeacherTrainConfig(steps=5, batch_size=8, warmup_steps=2),
+        reader=ReaderTrainConfig(steps=5, batch_size=32),
+        sampling=SamplingConfig(
+            num_inference_steps=2, guidance_sweep=(1.0, 1.5), sweep_prompts=4, eval_samples=160, batch_size=80
+        ),
+    )
+
+
+def _paper() -> Profile:
+    # The paper's world runs SD-scale backbones from the model hub on a GPU; its sizes are those of the
+    # COCO protocols (PEERS_AND_PROTOCOLS.md §3). Tiny-world training configs do not apply there.
+    return Profile(
+        name="paper",
+        world=WorldConfig(coco14_size=30_000, coco17_size=5_000),
+        sampling=SamplingConfig(eval_samples=30_000, guidance_scale=3.0, batch_size=16),
+        needs_gpu=True,
+    )
+
+
+_PROFILES = {"smoke": _smoke, "tiny": lambda: Profile(name="tiny"), "paper": _paper}
+
+
+def get_profile(name: str = "tiny") -> Profile:
+    """Return the named profile; ``paper`` raises unless a GPU is present (the hub check comes at load time)."""
+    if name not in _PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILE_NAMES)}")
+    profile = _PROFILES[name]()
+    if profile.needs_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "profile 'paper' needs a GPU and model-hub access (SD1.5 / SD2.1-base / PixArt-α weights, "
+                "COCO captions); run the notebooks with profile='tiny' on this machine"
+            )
+    return profile

@@ -1,0 +1,19 @@
+"""ShapesWorld: deterministic procedural 32×32 captioned images (DESIGN.md §2)."""
+
+from .datasets import SPLITS, ShapesDataset, all_captions, make_split, object_targets, render_scenes, sample_scenes
+from .render import edge_map, render_mask, render_scene
+from .scenes import (
+    CAPTION_RELATION_WORDS,
+    COLORS,
+    COMBOS,
+    POSITIONS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    ShapesObject,
+    region_of,
+    relation_between,
+    sample_scene,
+    size_of,
+)

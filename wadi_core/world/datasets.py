@@ -1,0 +1,112 @@
+"""ShapesWorld splits: captioned images with condition maps and per-object labels.
+
+| split | role in the paper's world |
+|---|---|
+| ``train`` | the text-image data the tiny teacher, tiny CLIP and feature net learn from (LAION analog) |
+| ``validation`` | prompt sheet for choosing the teacher's guidance scale |
+| ``coco14-like`` | held-out captions + real reference images for Table 1 (COCO-2014 30k analog) |
+| ``coco17-like`` | second held-out set (COCO-2017 5k analog) |
+
+Each split draws from its own random stream (seeded by the world seed and the split name), so splits are
+disjoint scenes from the same caption distribution. The grammar is finite (a few hundred distinct captions),
+so caption *strings* repeat across splits, as short COCO captions do; images never do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..profiles import WorldConfig
+from .render import edge_map, render_mask, render_scene
+from .scenes import _REFERENCE_RESOLUTION, COMBOS, Scene, sample_scene
+
+SPLITS: dict[str, str] = {  # split name -> WorldConfig field holding its size
+    "train": "train_size",
+    "validation": "validation_size",
+    "coco14-like": "coco14_size",
+    "coco17-like": "coco17_size",
+}
+
+
+@dataclass
+class ShapesDataset:
+    """A rendered split. Images are uint8 (N, 3, H, W); masks and edges uint8 (N, 1, H, W) in {0, 1}."""
+
+    name: str
+    scenes: list[Scene]
+    images: torch.Tensor
+    masks: torch.Tensor | None = None
+    edges: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    @property
+    def captions(self) -> list[str]:
+        return [scene.caption for scene in self.scenes]
+
+    def images_float(self) -> torch.Tensor:
+        """Images in [-1, 1], float32 — the diffusion models' pixel convention."""
+        return self.images.float() / 127.5 - 1.0
+
+
+def split_seed(world_seed: int, split: str) -> int:
+    """Seed of a split's random stream: distinct splits never share a stream."""
+    digest = hashlib.sha256(f"shapesworld/{world_seed}/{split}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def sample_scenes(split: str, count: int, world: WorldConfig) -> list[Scene]:
+    rng = np.random.default_rng(split_seed(world.seed, split))
+    return [sample_scene(rng, world.two_object_fraction) for _ in range(count)]
+
+
+def render_scenes(
+    scenes: list[Scene], resolution: int = 32, with_maps: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    images = np.stack([render_scene(s, resolution) for s in scenes]).transpose(0, 3, 1, 2)
+    if not with_maps:
+        return torch.from_numpy(np.ascontiguousarray(images)), None, None
+    masks = np.stack([render_mask(s, resolution) for s in scenes])
+    edges = np.stack([edge_map(m) for m in masks])
+    return (
+        torch.from_numpy(np.ascontiguousarray(images)),
+        torch.from_numpy(masks[:, None]),
+        torch.from_numpy(edges[:, None]),
+    )
+
+
+def make_split(split: str, world: WorldConfig, with_maps: bool = False, count: int | None = None) -> ShapesDataset:
+    """Render a split deterministically; ``count`` (≤ the profile's size) takes its first images."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    size = getattr(world, SPLITS[split])
+    if count is not None and count > size:
+        raise ValueError(f"split {split!r} has {size} images in this profile; asked for {count}")
+    scenes = sample_scenes(split, size if count is None else count, world)
+    images, masks, edges = render_scenes(scenes, world.resolution, with_maps)
+    return ShapesDataset(split, scenes, images, masks, edges)
+
+
+def object_targets(scenes: list[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reader targets: presence (N, 12) in {0, 1} and geometry (N, 12, 3) = (cx, cy, radius) / 32.
+
+    Geometry is meaningful only where the object is present. Objects are indexed by :data:`COMBOS`
+    (colour × shape), which makes the labels independent of caption word order.
+    """
+    presence = torch.zeros(len(scenes), len(COMBOS))
+    geometry = torch.zeros(len(scenes), len(COMBOS), 3)
+    for i, scene in enumerate(scenes):
+        for obj in scene.objects:
+            presence[i, obj.combo] = 1.0
+            geometry[i, obj.combo] = torch.tensor([obj.cx, obj.cy, obj.radius]) / _REFERENCE_RESOLUTION
+    return presence, geometry
+
+
+def all_captions(world: WorldConfig) -> list[str]:
+    """Training captions (the text the tokenizer and text encoder learn from)."""
+    return [scene.caption for scene in sample_scenes("train", world.train_size, world)]
