@@ -23,7 +23,7 @@ def test_hash_depends_on_every_field_and_nesting():
     assert artifacts.config_hash(nested) == artifacts.config_hash(dict(reversed(list(nested.items()))))
 
 
-def test_round_trip_and_cache_lookup(data_dir, monkeypatch):
+def test_round_trip_and_cache_lookup(data_dir):
     config = {"a": 1}
     path = artifacts.artifact_path("thing", config)
     assert artifacts.cached("thing", config) is None
@@ -31,8 +31,6 @@ def test_round_trip_and_cache_lookup(data_dir, monkeypatch):
     assert artifacts.cached("thing", config) == path
     tensors, meta = artifacts.load_checkpoint(path, config)
     assert torch.equal(tensors["w"], torch.arange(4.0)) and meta["note"] == "x"
-    monkeypatch.setenv("WADI_FRESH", "1")
-    assert artifacts.cached("thing", config) is None
 
 
 def test_mismatched_config_and_corrupt_file_raise_with_a_fix(data_dir):
@@ -69,3 +67,14 @@ def test_profiles_are_known_and_paper_needs_a_gpu():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="needs a GPU and model-hub access"):
             get_profile("paper")
+
+
+def test_fresh_run_retrains_once_then_reuses(data_dir, monkeypatch):
+    config = {"b": 1}
+    path = artifacts.artifact_path("thing", config)
+    artifacts.save_checkpoint(path, {"w": torch.zeros(1)}, config)
+    artifacts._WRITTEN_THIS_PROCESS.discard(path.resolve())  # as if left by an earlier run
+    monkeypatch.setenv("WADI_FRESH", "1")
+    assert artifacts.cached("thing", config) is None
+    artifacts.save_checkpoint(path, {"w": torch.ones(1)}, config)  # retrained by this run
+    assert artifacts.cached("thing", config) == path

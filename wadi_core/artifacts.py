@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+_WRITTEN_THIS_PROCESS: set[Path] = set()  # with WADI_FRESH=1, artifacts retrained by this run are reused
 
 
 class ArtifactError(RuntimeError):
@@ -43,6 +44,12 @@ def data_dir() -> Path:
 
 def results_dir() -> Path:
     return Path(os.environ.get("WADI_RESULTS_DIR", REPO_ROOT / "results"))
+
+
+def cache_dir() -> Path:
+    """Scratch space for regenerable files (image folders for clean-fid): ``WADI_CACHE_DIR``, else a
+    ``.cache`` folder beside the data directory (git-ignored); never committed."""
+    return Path(os.environ.get("WADI_CACHE_DIR", data_dir().parent / ".cache"))
 
 
 def fresh_requested() -> bool:
@@ -96,6 +103,7 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], config: Any, *
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+    _WRITTEN_THIS_PROCESS.add(Path(path).resolve())
 
 
 def _rerun_hint(what: str) -> str:
@@ -130,9 +138,10 @@ def load_checkpoint(path: Path, config: Any) -> tuple[dict[str, torch.Tensor], d
 
 
 def cached(kind: str, config: Any) -> Path | None:
-    """Path of a usable cached artifact, or None when it is absent or ``WADI_FRESH=1``."""
+    """Path of a usable cached artifact, or None when it is absent or older than this run under
+    ``WADI_FRESH=1`` (a fresh run retrains each artifact once, then reuses what it trained)."""
     path = artifact_path(kind, config)
-    if fresh_requested() or not path.exists():
+    if not path.exists() or (fresh_requested() and path.resolve() not in _WRITTEN_THIS_PROCESS):
         return None
     return path
 

@@ -9,7 +9,17 @@ the model hub on a GPU (:mod:`wadi_core.backbones.paper`).
 from __future__ import annotations
 
 from ..profiles import Profile, get_profile
-from .tiny import TinyBackbone, TrainedModel, encode_prompts, load_tiny_backbone, make_scheduler, sample_ddim
+from .tiny import (
+    TinyBackbone,
+    encode_prompts,
+    linear_weight_share,
+    load_or_train_teacher,
+    load_or_train_tiny_clip,
+    load_tiny_backbone,
+    make_scheduler,
+    sample_ddim,
+    text_encoder_from_clip,
+)
 
 TINY_BACKBONES = ("tiny",)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-from tqdm.auto import tqdm
+from tqdm import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig
 
 from ..artifacts import (
@@ -69,7 +69,7 @@ def make_scheduler() -> DDPMScheduler:
 def train_tokenizer(captions: list[str], config: ClipTrainConfig) -> CLIPTokenizer:
     """CLIP BPE tokenizer (CLIP's pre-tokenizer, ``</w>`` suffix, BOS/EOS) trained on the caption grammar."""
     base = CLIPTokenizer(model_max_length=config.max_length)
-    return base.train_new_from_iterator(captions, vocab_size=config.vocab_size)
+    return base.train_new_from_iterator(captions, vocab_size=config.vocab_size, show_progress=False)
 
 
 def _tokenizer_files(tokenizer: CLIPTokenizer) -> str:
@@ -304,6 +304,25 @@ class TinyBackbone:
         """Embedding of the empty prompt (1, L, D): the unconditional branch of CFG."""
         return self.encode_prompts([""])
 
+    @torch.no_grad()
+    def one_step(self, prompts: list[str], seed: int, guidance_scale: float = 1.0) -> torch.Tensor:
+        """The teacher's own one-step image (what a VSD student is at init), in [0, 1] (B, 3, H, W).
+
+        Paper (WADI_PAPER.md §4.1): z ~ N(0, I), t = T−1, x0 = (z − σ_T ε̂(z, t, c)) / α_T with α_T² = ᾱ_{T−1},
+        so any ε̂ error is amplified by 1/α_T (14.6 with SD1.5's schedule).
+        """
+        size, channels = self.unet.config.sample_size, self.unet.config.in_channels
+        z = torch.randn(len(prompts), channels, size, size, generator=torch.Generator().manual_seed(seed))
+        t = self.scheduler.config.num_train_timesteps - 1
+        alpha_bar = self.scheduler.alphas_cumprod[t]
+        cond = self.encode_prompts(prompts)
+        eps = self.unet(z, t, encoder_hidden_states=cond).sample
+        if guidance_scale != 1.0:
+            eps_null = self.unet(z, t, encoder_hidden_states=self.null_embedding().expand_as(cond)).sample
+            eps = eps_null + guidance_scale * (eps - eps_null)
+        x0 = (z - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+        return (x0.clamp(-1, 1) + 1) / 2
+
     def sample(self, prompts: list[str], num_inference_steps: int, guidance_scale: float, seed: int,
                batch_size: int = 128, progress: bool = True) -> torch.Tensor:
         """Images in [0, 1] (B, 3, H, W): N-step DDIM (η=0) with classifier-free guidance."""
@@ -349,6 +368,17 @@ def sample_ddim(
             x = ddim.step(eps, t, x).prev_sample
         out.append(((x.clamp(-1, 1) + 1) / 2))
     return torch.cat(out)
+
+
+def linear_weight_share(model: torch.nn.Module, prefixes: tuple[str, ...] = ("down_blocks", "mid_block", "up_blocks")) -> float:
+    """Share of all parameters held by ``nn.Linear`` weights under ``prefixes`` (what LoRaD can rotate;
+    31 % in SD1.5, WADI_PAPER.md §3.2)."""
+    linear = sum(
+        module.weight.numel()
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.split(".")[0] in prefixes
+    )
+    return linear / sum(p.numel() for p in model.parameters())
 
 
 def load_tiny_backbone(profile: Profile) -> TinyBackbone:

@@ -11,12 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import shutil
+
 import numpy as np
 import torch
 from cleanfid import fid as cleanfid
 from PIL import Image
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
+from ..artifacts import cache_dir, config_hash
+from ..world import ShapesDataset
 from .features import ShapesFeatureNet
 
 
@@ -34,6 +38,21 @@ def save_images(images: torch.Tensor, folder: Path, start_index: int = 0, progre
             tmp.replace(path)
         paths.append(path)
     return paths
+
+
+def image_folder(images: torch.Tensor, name: str) -> Path:
+    """A fresh cache folder ``<cache>/images/<name>`` holding exactly ``images`` (in [0, 1]) as PNGs."""
+    folder = cache_dir() / "images" / name
+    shutil.rmtree(folder, ignore_errors=True)
+    save_images(images, folder)
+    return folder
+
+
+def reference_folder(dataset: ShapesDataset, world_config) -> Path:
+    """The real images of a ShapesWorld split as PNGs, cached under a name keyed by the world config."""
+    folder = cache_dir() / "images" / f"{dataset.name}-{len(dataset)}-{config_hash(world_config)}"
+    save_images(dataset.images.float() / 255, folder)  # resumable: existing files are kept
+    return folder
 
 
 def feature_extractor(net: ShapesFeatureNet) -> Callable[[torch.Tensor], torch.Tensor]:

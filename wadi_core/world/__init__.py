@@ -1,6 +1,14 @@
 """ShapesWorld: deterministic procedural 32×32 captioned images (DESIGN.md §2)."""
 
-from .datasets import SPLITS, ShapesDataset, all_captions, make_split, object_targets, render_scenes, sample_scenes
+from .datasets import (
+    SPLITS,
+    ShapesDataset,
+    describe_splits,
+    make_split,
+    object_targets,
+    render_scenes,
+    sample_scenes,
+)
 from .render import edge_map, render_mask, render_scene
 from .scenes import (
     CAPTION_RELATION_WORDS,

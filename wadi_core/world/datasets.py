@@ -18,6 +18,7 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..profiles import WorldConfig
@@ -107,6 +108,17 @@ def object_targets(scenes: list[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
     return presence, geometry
 
 
-def all_captions(world: WorldConfig) -> list[str]:
-    """Training captions (the text the tokenizer and text encoder learn from)."""
-    return [scene.caption for scene in sample_scenes("train", world.train_size, world)]
+def describe_splits(datasets: list[ShapesDataset]) -> pd.DataFrame:
+    """Counts per split: images, one-object scenes, each relation, distinct captions, captions saying "above"."""
+    rows = []
+    for data in datasets:
+        relations = pd.Series([s.relation for s in data.scenes if s.relation]).value_counts()
+        rows.append({
+            "split": data.name,
+            "images": len(data),
+            "one object": sum(len(s.objects) == 1 for s in data.scenes),
+            **{f"{rel}": int(relations.get(rel, 0)) for rel in ("left of", "right of", "below", "above")},
+            "distinct captions": len(set(data.captions)),
+            'captions saying "above"': sum("above" in c.split() for c in data.captions),
+        })
+    return pd.DataFrame(rows).set_index("split")

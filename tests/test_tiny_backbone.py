@@ -1,0 +1,112 @@
+"""The tiny backbone: SD1.5 schedule, sampling, one-step formula, train → save → load round trips."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from wadi_core import artifacts
+from wadi_core.backbones import load_backbone, make_scheduler, sample_ddim
+from wadi_core.backbones.tiny import TinyBackbone, cosine_lr, load_or_train_teacher, load_or_train_tiny_clip, text_encoder_from_clip
+from wadi_core.profiles import get_profile
+
+
+@pytest.fixture(scope="module")
+def smoke_models(tmp_path_factory):
+    """The smoke profile's CLIP and teacher, trained once into a temporary data directory."""
+    data = tmp_path_factory.mktemp("data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WADI_DATA_DIR", str(data))
+        mp.delenv("WADI_FRESH", raising=False)
+        mp.delenv("WADI_NO_TRAIN", raising=False)
+        profile = get_profile("smoke")
+        clip, tokenizer = load_or_train_tiny_clip(profile)
+        teacher = load_or_train_teacher(profile, tokenizer, text_encoder_from_clip(clip.model))
+    return profile, data, clip, tokenizer, teacher
+
+
+def test_scheduler_is_sd15s():
+    scheduler = make_scheduler()
+    assert scheduler.config.num_train_timesteps == 1000
+    assert scheduler.alphas_cumprod[999].item() == pytest.approx(0.0047, abs=5e-5)
+    assert (1 / scheduler.alphas_cumprod[999].sqrt()).item() == pytest.approx(14.6, abs=0.05)
+
+
+def test_cosine_schedule_endpoints():
+    assert cosine_lr(0, 100, 1.0, 0.1, warmup_steps=10) == pytest.approx(0.1)
+    assert cosine_lr(10, 100, 1.0, 0.1, warmup_steps=10) == pytest.approx(1.0)
+    assert cosine_lr(100, 100, 1.0, 0.1, warmup_steps=10) == pytest.approx(0.1)
+
+
+def test_round_trip_loads_the_same_weights(smoke_models, monkeypatch):
+    profile, data, clip, tokenizer, teacher = smoke_models
+    assert clip.trained and teacher.trained
+    monkeypatch.setenv("WADI_DATA_DIR", str(data))
+    monkeypatch.setenv("WADI_NO_TRAIN", "1")  # must load, never retrain
+    clip2, tokenizer2 = load_or_train_tiny_clip(profile)
+    teacher2 = load_or_train_teacher(profile, tokenizer2, text_encoder_from_clip(clip2.model))
+    assert not clip2.trained and not teacher2.trained
+    assert tokenizer2.get_vocab() == tokenizer.get_vocab()
+    for a, b in ((clip.model, clip2.model), (teacher.model, teacher2.model)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert teacher2.log["loss"] == teacher.log["loss"]
+
+
+def test_changed_config_is_not_silently_retrained(smoke_models, monkeypatch):
+    profile, data, *_ = smoke_models
+    monkeypatch.setenv("WADI_DATA_DIR", str(data))
+    monkeypatch.setenv("WADI_NO_TRAIN", "1")
+    other = dataclasses.replace(profile, clip=dataclasses.replace(profile.clip, steps=profile.clip.steps + 1))
+    with pytest.raises(artifacts.ArtifactError, match="FRESH=1 make reproduce"):
+        load_or_train_tiny_clip(other)
+
+
+def test_corrupt_checkpoint_raises(smoke_models, monkeypatch, tmp_path):
+    profile, data, clip, *_ = smoke_models
+    monkeypatch.setenv("WADI_DATA_DIR", str(tmp_path))
+    broken = tmp_path / clip.path.name
+    broken.write_bytes(clip.path.read_bytes()[:100])
+    with pytest.raises(artifacts.ArtifactError, match="readable safetensors"):
+        load_or_train_tiny_clip(profile)
+
+
+def test_sampling_is_seeded_and_batch_size_invariant(smoke_models):
+    _, _, clip, tokenizer, teacher = smoke_models
+    backbone = TinyBackbone(tokenizer, text_encoder_from_clip(clip.model), teacher.model, make_scheduler(), clip.model)
+    prompts = ["a red circle", "a blue square left of a green triangle", "a small yellow triangle", "a green square"]
+    a = backbone.sample(prompts, 3, 2.0, seed=7, batch_size=4, progress=False)
+    b = backbone.sample(prompts, 3, 2.0, seed=7, batch_size=3, progress=False)
+    c = backbone.sample(prompts, 3, 2.0, seed=8, batch_size=4, progress=False)
+    assert a.shape == (4, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert not torch.allclose(a, c)
+
+
+def test_one_step_is_the_x0_formula(smoke_models):
+    _, _, clip, tokenizer, teacher = smoke_models
+    scheduler = make_scheduler()
+    backbone = TinyBackbone(tokenizer, text_encoder_from_clip(clip.model), teacher.model, scheduler, clip.model)
+    prompts = ["a red circle", "a green square"]
+    image = backbone.one_step(prompts, seed=3)
+    z = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        eps = teacher.model(z, 999, encoder_hidden_states=backbone.encode_prompts(prompts)).sample
+    alpha_bar = scheduler.alphas_cumprod[999]
+    x0 = (z - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+    torch.testing.assert_close(image, (x0.clamp(-1, 1) + 1) / 2)
+
+
+def test_ddim_with_one_step_and_no_guidance_matches_manual_formula(smoke_models):
+    _, _, clip, tokenizer, teacher = smoke_models
+    encoder = text_encoder_from_clip(clip.model)
+    backbone = TinyBackbone(tokenizer, encoder, teacher.model, make_scheduler(), clip.model)
+    states, null = backbone.encode_prompts(["a red circle"]), backbone.null_embedding()
+    assert states.shape == (1, tokenizer.model_max_length, clip.model.config.text_config.hidden_size)
+    guided = sample_ddim(teacher.model, make_scheduler(), states, null, 1, 3.0, seed=1, progress=False)
+    plain = sample_ddim(teacher.model, make_scheduler(), states, null, 1, 1.0, seed=1, progress=False)
+    assert guided.shape == plain.shape and not torch.allclose(guided, plain)
+
+
+def test_unknown_backbone_names_the_choices():
+    with pytest.raises(ValueError, match="tiny, sd15"):
+        load_backbone("sd3")
