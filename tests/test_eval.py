@@ -133,3 +133,10 @@ def test_clip_score_is_batch_size_invariant_and_checks_lengths():
     assert a == pytest.approx(b, abs=1e-6) and -1 <= a <= 1
     with pytest.raises(ValueError, match="8 images but 7 prompts"):
         clip_score(model, tokenizer, images, data.captions[:7])
+
+
+def test_feature_net_shapes(net):
+    images = torch.rand(5, 3, 32, 32) * 2 - 1
+    logits, geometry = net(images)
+    assert logits.shape == (5, 12) and geometry.shape == (5, 12, 3)
+    assert net.features(images).shape == (5, net.feature_dim)

@@ -31,6 +31,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 _WRITTEN_THIS_PROCESS: set[Path] = set()  # with WADI_FRESH=1, artifacts retrained by this run are reused
 
 
@@ -86,6 +88,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -77,7 +77,7 @@ class ReaderTrainConfig:
     feature_dim: int = 128
     steps: int = 2_000
     batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 1e-3
     seed: int = 3
 
 

@@ -31,37 +31,47 @@ from ..profiles import Profile, ReaderTrainConfig
 from ..world import COMBOS, ShapesDataset, make_split, object_targets
 
 
-class ShapesFeatureNet(nn.Module):
-    """Conv stack 32→16→8→4 (GroupNorm + SiLU), a ``feature_dim`` embedding, and per-object heads.
+def _conv_trunk(channels: tuple[int, ...]) -> nn.Sequential:
+    """Per stage: conv 3×3, then a stride-2 conv 3×3, each with GroupNorm + SiLU (32→16→8→4 for 3 stages)."""
+    layers, in_ch = [], 3
+    for out_ch in channels:
+        layers += [
+            nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.GroupNorm(8, out_ch), nn.SiLU(),
+            nn.Conv2d(out_ch, out_ch, 3, padding=1, stride=2), nn.GroupNorm(8, out_ch), nn.SiLU(),
+        ]
+        in_ch = out_ch
+    return nn.Sequential(*layers)
 
-    Input: images in [-1, 1], (B, 3, 32, 32). Flattening the 4×4 map (instead of global pooling) keeps the
-    object positions in the features, so FID sees layout as well as colour and shape.
+
+class ShapesFeatureNet(nn.Module):
+    """Two conv trunks: *what* is in the image and *where*, with per-object heads.
+
+    Input: images in [-1, 1], (B, 3, 32, 32). The *what* trunk is max-pooled over space (translation
+    invariant: one detector serves every position) and gives the presence of each (colour, shape) class; the
+    *where* trunk keeps its 4×4 map (flattened into an embedding) and gives each object's centre and radius.
+    Sharing one trunk between the two made presence unlearnable at this size, so they are separate. The FID
+    features concatenate both, so FID sees layout as well as colour and shape.
     """
 
     def __init__(self, channels: tuple[int, ...] = (32, 64, 128), feature_dim: int = 128, resolution: int = 32):
         super().__init__()
-        layers, in_ch = [], 3
-        for out_ch in channels:
-            layers += [
-                nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.GroupNorm(8, out_ch), nn.SiLU(),
-                nn.Conv2d(out_ch, out_ch, 3, padding=1, stride=2), nn.GroupNorm(8, out_ch), nn.SiLU(),
-            ]
-            in_ch = out_ch
-        self.trunk = nn.Sequential(*layers)
         spatial = resolution // 2 ** len(channels)
-        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(in_ch * spatial * spatial, feature_dim), nn.SiLU())
-        self.presence_head = nn.Linear(feature_dim, len(COMBOS))
+        self.what = _conv_trunk(channels)
+        self.where = nn.Sequential(
+            _conv_trunk(channels), nn.Flatten(), nn.Linear(channels[-1] * spatial**2, feature_dim), nn.SiLU()
+        )
+        self.presence_head = nn.Linear(channels[-1], len(COMBOS))
         self.geometry_head = nn.Linear(feature_dim, len(COMBOS) * 3)
-        self.feature_dim = feature_dim
+        self.feature_dim = channels[-1] + feature_dim
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Penultimate features (B, feature_dim): what FID compares."""
-        return self.embed(self.trunk(images))
+        """Penultimate features (B, channels[-1] + feature_dim) = [what, where]: what FID compares."""
+        return torch.cat([self.what(images).amax(dim=(2, 3)), self.where(images)], dim=1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Presence logits (B, 12) and geometry (B, 12, 3) = (cx, cy, radius) / 32 per object class."""
-        h = self.features(images)
-        return self.presence_head(h), self.geometry_head(h).view(len(h), len(COMBOS), 3)
+        what, where = self.features(images).split([self.presence_head.in_features, self.geometry_head.in_features], 1)
+        return self.presence_head(what), self.geometry_head(where).view(len(images), len(COMBOS), 3)
 
 
 def reader_loss(net: ShapesFeatureNet, images: torch.Tensor, presence: torch.Tensor, geometry: torch.Tensor):
