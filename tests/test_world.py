@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from wadi_core.eval import parse_prompt
-from wadi_core.profiles import WorldConfig
+from wadi_core.profiles import WorldConfig, get_profile
 from wadi_core.world import (
     COLORS,
     SPLITS,
@@ -36,12 +36,16 @@ def test_count_takes_a_prefix_of_the_split():
     assert torch.equal(full.images[:20], head.images) and full.captions[:20] == head.captions
 
 
-def test_splits_are_disjoint():
+def test_splits_are_disjoint_at_full_tiny_size():
+    # At 20,000 training images, quantised rendering makes some random scenes pixel-identical; the held-out
+    # splits must skip those (and never repeat an image themselves).
+    world = get_profile("tiny").world
     digests = {}
     for split in SPLITS:
-        images = make_split(split, WORLD).images
+        images = make_split(split, world).images
         digests[split] = {hashlib.sha256(img.numpy().tobytes()).hexdigest() for img in images}
-        assert len(digests[split]) == len(images)  # no duplicate image inside a split either
+        if split != "train":
+            assert len(digests[split]) == len(images), f"{split} repeats an image"
     names = list(digests)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:

@@ -6,7 +6,7 @@ from .datasets import (
     describe_splits,
     make_split,
     object_targets,
-    render_scenes,
+    condition_maps,
     sample_scenes,
 )
 from .render import edge_map, render_mask, render_scene

@@ -7,13 +7,16 @@
 | ``coco14-like`` | held-out captions + real reference images for Table 1 (COCO-2014 30k analog) |
 | ``coco17-like`` | second held-out set (COCO-2017 5k analog) |
 
-Each split draws from its own random stream (seeded by the world seed and the split name), so splits are
-disjoint scenes from the same caption distribution. The grammar is finite (a few hundred distinct captions),
-so caption *strings* repeat across splits, as short COCO captions do; images never do.
+Each split draws from its own random stream (seeded by the world seed and the split name). Rendering at
+32×32 quantises positions and radii, so two random scenes can give the same pixels: every split after
+``train`` (in the order above) skips an image that already occurs in an earlier split or earlier in itself,
+so no held-out image is ever a training image. The grammar is finite (a few hundred distinct captions), so
+caption *strings* repeat across splits, as short COCO captions do.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -62,23 +65,41 @@ def split_seed(world_seed: int, split: str) -> int:
 
 
 def sample_scenes(split: str, count: int, world: WorldConfig) -> list[Scene]:
+    """The first ``count`` scenes of a split's random stream (before the de-duplication of held-out splits)."""
     rng = np.random.default_rng(split_seed(world.seed, split))
     return [sample_scene(rng, world.two_object_fraction) for _ in range(count)]
 
 
-def render_scenes(
-    scenes: list[Scene], resolution: int = 32, with_maps: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    images = np.stack([render_scene(s, resolution) for s in scenes]).transpose(0, 3, 1, 2)
-    if not with_maps:
-        return torch.from_numpy(np.ascontiguousarray(images)), None, None
+def _digest(image: np.ndarray) -> bytes:
+    return hashlib.sha256(image.tobytes()).digest()
+
+
+@functools.lru_cache(maxsize=8)
+def _rendered_split(split: str, world: WorldConfig) -> tuple[tuple[Scene, ...], np.ndarray]:
+    """All scenes and uint8 images (N, H, W, 3) of a split; held-out splits skip already-seen images."""
+    size = getattr(world, SPLITS[split])
+    if split == "train":
+        scenes = sample_scenes(split, size, world)
+        return tuple(scenes), np.stack([render_scene(s, world.resolution) for s in scenes])
+    earlier = list(SPLITS)[: list(SPLITS).index(split)]
+    seen = {_digest(image) for name in earlier for image in _rendered_split(name, world)[1]}
+    rng = np.random.default_rng(split_seed(world.seed, split))
+    scenes, images = [], []
+    while len(scenes) < size:
+        scene = sample_scene(rng, world.two_object_fraction)
+        image = render_scene(scene, world.resolution)
+        if (digest := _digest(image)) not in seen:
+            seen.add(digest)
+            scenes.append(scene)
+            images.append(image)
+    return tuple(scenes), np.stack(images)
+
+
+def condition_maps(scenes: list[Scene], resolution: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Object masks and their edge maps, uint8 (N, 1, H, W) in {0, 1}."""
     masks = np.stack([render_mask(s, resolution) for s in scenes])
     edges = np.stack([edge_map(m) for m in masks])
-    return (
-        torch.from_numpy(np.ascontiguousarray(images)),
-        torch.from_numpy(masks[:, None]),
-        torch.from_numpy(edges[:, None]),
-    )
+    return torch.from_numpy(masks[:, None]), torch.from_numpy(edges[:, None])
 
 
 def make_split(split: str, world: WorldConfig, with_maps: bool = False, count: int | None = None) -> ShapesDataset:
@@ -88,8 +109,10 @@ def make_split(split: str, world: WorldConfig, with_maps: bool = False, count: i
     size = getattr(world, SPLITS[split])
     if count is not None and count > size:
         raise ValueError(f"split {split!r} has {size} images in this profile; asked for {count}")
-    scenes = sample_scenes(split, size if count is None else count, world)
-    images, masks, edges = render_scenes(scenes, world.resolution, with_maps)
+    all_scenes, all_images = _rendered_split(split, world)
+    scenes = list(all_scenes[: size if count is None else count])
+    images = torch.from_numpy(all_images[: len(scenes)].transpose(0, 3, 1, 2).copy())
+    masks, edges = condition_maps(scenes, world.resolution) if with_maps else (None, None)
     return ShapesDataset(split, scenes, images, masks, edges)
 
 
