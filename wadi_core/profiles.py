@@ -126,7 +126,7 @@ def _smoke() -> Profile:
         teacher=TeacherTrainConfig(steps=5, batch_size=8, warmup_steps=2),
         reader=ReaderTrainConfig(steps=5, batch_size=32),
         sampling=SamplingConfig(
-            num_inference_steps=2, guidance_sweep=(1.0, 1.5), sweep_prompts=4, eval_samples=160, batch_size=80
+            num_inference_steps=2, guidance_sweep=(1.0, 3.0), sweep_prompts=4, eval_samples=160, batch_size=80
         ),
     )
 
