@@ -5,6 +5,7 @@
 #   FRESH=1 make reproduce         ignore cached artifacts in data/ and retrain
 #   PROFILE=smoke make reproduce   another profile: smoke | tiny | paper
 #   make test                      unit tests, smoke run of every notebook, nbval of the committed notebooks
+#   make bench                     per-layer cost of LoRaD vs the official hook, LoRA, DoRA (results/tables/lorad_bench.*)
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -26,7 +27,7 @@ REPRODUCE_FLAGS := --profile $(PROFILE) $(if $(ONLY),--only $(ONLY)) $(if $(filt
 # The numbered notebooks (executed copies of failed runs excluded); nbval checks them as committed.
 NOTEBOOKS := $(sort $(filter-out %.failed.ipynb,$(wildcard notebooks/[0-9][0-9]_*.ipynb)))
 
-.PHONY: venv reproduce test test-unit test-smoke test-nbval clean
+.PHONY: venv reproduce test test-unit test-smoke test-nbval bench clean
 
 venv: $(STAMP)
 
@@ -78,6 +79,10 @@ else
 		$(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider $(NOTEBOOKS); \
 	echo "=== nbval passed in $$(( $$(date +%s) - start )) s ==="
 endif
+
+# Forward+backward time and saved-for-backward bytes per adapted Linear at SD1.5 shapes (issue 3); a few minutes.
+bench: venv
+	$(PY) -m wadi_core.bench lorad
 
 # Python and notebook caches and build leftovers; keeps .venv, data/ and results/.
 clean:

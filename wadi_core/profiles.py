@@ -96,6 +96,25 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
+class AdapterStudyConfig:
+    """Notebook 02: expressivity fits on teacher Linears and the LoRaD cost benchmark."""
+
+    layers: tuple[str, ...] = (  # teacher Linears whose weights the synthetic targets start from
+        "mid_block.attentions.0.transformer_blocks.0.attn1.to_q",
+        "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj",
+    )
+    methods: tuple[str, ...] = ("lora", "dora", "dora_frozen_norm", "lorad")
+    ranks: tuple[int, ...] = (1, 2, 4, 8, 16)
+    direction_change: float = 0.0221  # mean 1 − cos of a fully fine-tuned one-step student (paper: 2.21 %)
+    target_rank_fraction: float = 0.1  # rank of the synthetic direction residual / min(out, in)
+    fit_steps: int = 300
+    fit_lr: float = 1e-2
+    bench_quick: bool = False  # True: small shapes and rank (seconds); False: SD1.5 shapes at rank 256
+    bench_repeats: int = 3
+    seed: int = 5
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     world: WorldConfig = field(default_factory=WorldConfig)
@@ -103,6 +122,7 @@ class Profile:
     teacher: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
     reader: ReaderTrainConfig = field(default_factory=ReaderTrainConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    adapters: AdapterStudyConfig = field(default_factory=AdapterStudyConfig)
     needs_gpu: bool = False
 
     @property
@@ -110,7 +130,7 @@ class Profile:
         """Every seed of the profile, for `results/manifest.json`."""
         return {
             name: getattr(self, name).seed
-            for name in ("world", "clip", "teacher", "reader", "sampling")
+            for name in ("world", "clip", "teacher", "reader", "sampling", "adapters")
         }
 
     def to_dict(self) -> dict:
@@ -128,6 +148,7 @@ def _smoke() -> Profile:
         sampling=SamplingConfig(
             num_inference_steps=2, guidance_sweep=(1.0, 3.0), sweep_prompts=4, eval_samples=160, batch_size=80
         ),
+        adapters=AdapterStudyConfig(ranks=(1, 2), fit_steps=3, bench_quick=True, bench_repeats=1),
     )
 
 

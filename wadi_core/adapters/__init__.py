@@ -1,0 +1,53 @@
+"""Adapters for the one-step student and the fake score: LoRaD (the paper's) and the LoRA / DoRA / full-FT
+baselines (WADI_PAPER.md §3, DESIGN.md §4).
+
+One module per method (:mod:`.lorad`, :mod:`.lora`, :mod:`.dora`), each with its ``XLinear`` wrapping a frozen
+``nn.Linear``; :mod:`.inject` holds the layer rules and the model-level operations (inject, merge/unmerge/remove,
+save/load, official-θ import, parameter counting).
+"""
+
+from .dora import DoRALinear
+from .inject import (
+    ADAPTER_TYPES,
+    FAKE_SKIP,
+    METHODS,
+    RULES,
+    AdapterConfig,
+    adapter_config,
+    adapter_modules,
+    count_trainable,
+    inject,
+    load_adapters,
+    load_official_thetas,
+    merge,
+    remove,
+    save_adapters,
+    select_layers,
+    unmerge,
+)
+from .lora import LoRALinear
+from .lorad import LoRaDFunction, LoRaDLinear, lorad_rotate
+
+__all__ = [
+    "ADAPTER_TYPES",
+    "FAKE_SKIP",
+    "METHODS",
+    "RULES",
+    "AdapterConfig",
+    "DoRALinear",
+    "LoRALinear",
+    "LoRaDFunction",
+    "LoRaDLinear",
+    "adapter_config",
+    "adapter_modules",
+    "count_trainable",
+    "inject",
+    "load_adapters",
+    "load_official_thetas",
+    "lorad_rotate",
+    "merge",
+    "remove",
+    "save_adapters",
+    "select_layers",
+    "unmerge",
+]

@@ -1,0 +1,216 @@
+"""LoRaD: low-rank rotations of weight directions (WADI_PAPER.md §3.1, DESIGN.md §4).
+
+Notation (PyTorch layout, weight ``W`` of shape out×in; the paper's Θ is the transpose of the code's):
+
+| code | paper | shape | init |
+|---|---|---|---|
+| ``weight`` | W | out × in (in even) | the teacher's, frozen |
+| ``theta_a`` | A | out × r | zeros |
+| ``theta_b`` | B | r × in/2 | Xavier-uniform |
+| ``theta`` | Θ = A·B, wrapped into [−π, π) | out × in/2 | 0 |
+| ``rotated_weight`` | W_ro (W' below) | out × in | W |
+
+Input columns pair as (2j, 2j+1) and every entry Θ_ij is its own 2-D Givens angle::
+
+    W'[i, 2j]   = W[i, 2j]·cos Θ_ij − W[i, 2j+1]·sin Θ_ij
+    W'[i, 2j+1] = W[i, 2j]·sin Θ_ij + W[i, 2j+1]·cos Θ_ij
+    y = x·W'ᵀ + b
+
+so every row norm and every pair norm of W is preserved, and W' = W at init. Trainable parameters per layer:
+r·(out + in/2) (WADI_PAPER.md §3.1, "Parameters per adapted layer").
+
+Unlike the official forward hook (WADI_PAPER.md §3.5), :class:`LoRaDFunction` runs the Linear once and keeps
+no out×in temporary for backward: it saves x, A, B (and a reference to the frozen W) and recomputes W', cos Θ
+and sin Θ in backward.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32: fp16/bf16 weights are rotated in fp32, float64 stays float64 (for gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _angles(theta_a: torch.Tensor, theta_b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Θ = A·B in ``dtype`` (never autocast to half), wrapped into [−π, π); (out, in/2).
+
+    The wrap is a no-op on cos/sin (2π-periodic) and has gradient 1 almost everywhere (WADI_PAPER.md §3.1).
+    """
+    device = theta_a.device.type
+    no_autocast = torch.autocast(device, enabled=False) if device in _AUTOCAST_DEVICES else nullcontext()
+    with no_autocast:
+        theta = theta_a.to(dtype) @ theta_b.to(dtype)
+    return torch.remainder(theta + math.pi, 2 * math.pi) - math.pi
+
+
+def _rotate_pairs(pairs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (u, v) = ``pairs[..., j, :]`` by its angle; (out, in/2, 2) -> (out, in)."""
+    u, v = pairs.unbind(-1)
+    return torch.stack((u * cos - v * sin, u * sin + v * cos), dim=-1).flatten(-2)
+
+
+def _check_shapes(weight: torch.Tensor, theta_a: torch.Tensor, theta_b: torch.Tensor) -> None:
+    out_features, in_features = weight.shape
+    if in_features % 2:
+        raise ValueError(f"LoRaD needs an even number of input features, got weight of shape {tuple(weight.shape)}")
+    if theta_a.shape[0] != out_features or theta_b.shape[1] != in_features // 2 or theta_a.shape[1] != theta_b.shape[0]:
+        raise ValueError(
+            f"LoRaD shapes do not fit: weight {tuple(weight.shape)} needs theta_a (out={out_features}, r) and "
+            f"theta_b (r, in/2={in_features // 2}); got theta_a {tuple(theta_a.shape)}, theta_b {tuple(theta_b.shape)}"
+        )
+
+
+def lorad_rotate(weight: torch.Tensor, theta_a: torch.Tensor, theta_b: torch.Tensor) -> torch.Tensor:
+    """The rotated weight W' of WADI_PAPER.md §3.1 (official pairing (2j, 2j+1), Θ wrapped into [−π, π)).
+
+    The single source of truth for the rotation: :class:`LoRaDFunction`, :meth:`LoRaDLinear.merge` and
+    :meth:`LoRaDLinear.unmerge` (called with −A, the exact inverse rotation) all go through it.
+
+    Args:
+        weight: W, (out, in) with ``in`` even.
+        theta_a: A, (out, r).
+        theta_b: B, (r, in/2).
+
+    Returns:
+        W', (out, in), computed in (at least) fp32 and returned in ``weight``'s dtype. Differentiable with
+        plain autograd (the naive reference for :class:`LoRaDFunction`).
+    """
+    _check_shapes(weight, theta_a, theta_b)
+    dtype = _compute_dtype(weight.dtype)
+    theta = _angles(theta_a, theta_b, dtype)  # (out, in/2)
+    pairs = weight.to(dtype).unflatten(-1, (-1, 2))  # (out, in/2, 2)
+    return _rotate_pairs(pairs, theta.cos(), theta.sin()).to(weight.dtype)
+
+
+class LoRaDFunction(torch.autograd.Function):
+    """y = x·W'ᵀ + b with W' = :func:`lorad_rotate` (W, A, B), one matmul forward, W' recomputed in backward.
+
+    Saved for backward: ``x``, ``theta_a``, ``theta_b`` and ``weight``. W is the frozen base parameter, which
+    lives in memory anyway: saving it stores a reference (no copy) and lets autograd's version counter catch an
+    in-place merge between forward and backward. No out×in temporary (W', cos Θ, sin Θ, fp32 copies) survives
+    the forward; the extra memory kept for backward is O(r·(out + in)).
+
+    Backward (g = ∂L/∂W' = dyᵀ·x, per pair (u, v) = (W_2j, W_2j+1), (u', v') their rotations)::
+
+        dx  = dy·W'
+        dΘ  = g_2j·(−u sin Θ − v cos Θ) + g_2j+1·(u cos Θ − v sin Θ) = g_2j+1·u' − g_2j·v'
+        dA  = dΘ·Bᵀ,   dB = Aᵀ·dΘ,   db = Σ dy
+        dW  = g rotated by −Θ   (only if ``weight`` requires grad; inside LoRaD it never does)
+
+    Angles and dΘ are computed in (at least) fp32; fp16/bf16 ``x``/``weight`` are upcast where needed and every
+    gradient is returned in its input's dtype. ``x`` may have any leading dims: (..., in) -> (..., out).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, theta_a, theta_b):
+        rotated = lorad_rotate(weight, theta_a, theta_b).to(x.dtype)  # (out, in), freed on return
+        ctx.save_for_backward(x, weight, theta_a, theta_b)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(x, rotated, None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, theta_a, theta_b = ctx.saved_tensors
+        need_x, need_weight, need_bias, need_a, need_b = ctx.needs_input_grad
+        dtype = _compute_dtype(weight.dtype)
+        theta = _angles(theta_a, theta_b, dtype)
+        cos, sin = theta.cos(), theta.sin()  # (out, in/2)
+        rotated = _rotate_pairs(weight.to(dtype).unflatten(-1, (-1, 2)), cos, sin)  # W', (out, in)
+        dx = d_weight = d_bias = d_a = d_b = None
+        if need_x:
+            dx = (dy @ rotated.to(weight.dtype).to(dy.dtype)).to(x.dtype)  # the same W' the forward used
+        dy_flat = dy.reshape(-1, dy.shape[-1])  # (N, out)
+        if need_weight or need_a or need_b:
+            x_flat = x.reshape(-1, x.shape[-1]).to(dy.dtype)  # (N, in)
+            g_u, g_v = (dy_flat.T @ x_flat).to(dtype).unflatten(-1, (-1, 2)).unbind(-1)  # ∂L/∂W' pairs, (out, in/2)
+            if need_a or need_b:
+                r_u, r_v = rotated.unflatten(-1, (-1, 2)).unbind(-1)
+                d_theta = g_v * r_u - g_u * r_v  # (out, in/2); the wrap has gradient 1
+                if need_a:
+                    d_a = (d_theta @ theta_b.to(dtype).T).to(theta_a.dtype)
+                if need_b:
+                    d_b = (theta_a.to(dtype).T @ d_theta).to(theta_b.dtype)
+            if need_weight:
+                d_weight = _rotate_pairs(torch.stack((g_u, g_v), dim=-1), cos, -sin).to(weight.dtype)
+        if need_bias:
+            d_bias = dy_flat.sum(0).to(ctx.bias_dtype)
+        return dx, d_weight, d_bias, d_a, d_b
+
+
+class LoRaDLinear(nn.Module):
+    """A frozen ``nn.Linear`` whose weight directions are rotated by LoRaD (WADI_PAPER.md §3.1).
+
+    ``theta_a`` (A, out×r, zeros) and ``theta_b`` (B, r×in/2, Xavier-uniform) are fp32 parameters created on
+    the base weight's device (the ``meta`` device included, for parameter counting); the base layer is frozen.
+    The forward runs :class:`LoRaDFunction`; once merged it runs the plain Linear on W'.
+
+    Args:
+        base_layer: the ``nn.Linear`` to adapt; ``in_features`` must be even.
+        rank: r.
+        name: the layer's name in its model, quoted by the odd-``in_features`` error.
+    """
+
+    def __init__(self, base_layer: nn.Linear, rank: int, name: str = "<unnamed>"):
+        super().__init__()
+        if base_layer.in_features % 2:
+            raise ValueError(
+                f"LoRaD cannot adapt {name!r}: in_features={base_layer.in_features} is odd (columns are rotated "
+                "in pairs, WADI_PAPER.md §3.1); exclude the layer from injection"
+            )
+        self.base_layer = base_layer.requires_grad_(False)
+        self.rank = rank
+        self.merged = False
+        device = base_layer.weight.device
+        out_features, in_features = base_layer.out_features, base_layer.in_features
+        self.theta_a = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=torch.float32))
+        self.theta_b = nn.Parameter(torch.empty(rank, in_features // 2, device=device, dtype=torch.float32))
+        nn.init.xavier_uniform_(self.theta_b)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, merged={self.merged}"
+
+    def rotated_weight(self) -> torch.Tensor:
+        """W' in the base weight's dtype (differentiable in A and B)."""
+        return lorad_rotate(self.base_layer.weight, self.theta_a, self.theta_b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        return LoRaDFunction.apply(x, self.base_layer.weight, self.base_layer.bias, self.theta_a, self.theta_b)
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False) -> None:
+        """Write W' into the base weight. A second merge warns and does nothing.
+
+        Args:
+            safe_merge: check W' for non-finite values before writing it (ValueError if any).
+        """
+        if self.merged:
+            warnings.warn("LoRaDLinear is already merged; merge() did nothing", stacklevel=2)
+            return
+        rotated = self.rotated_weight()
+        if safe_merge and not torch.isfinite(rotated).all():
+            raise ValueError("LoRaD merge produced non-finite weights; the adapter was left unmerged")
+        self.base_layer.weight.copy_(rotated)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Rotate the merged weight back by −Θ (the exact inverse; W restored up to fp rounding of the weight's
+        dtype: ~1e-7 relative in fp32, one rounding per merge/unmerge in fp16/bf16)."""
+        if not self.merged:
+            warnings.warn("LoRaDLinear is not merged; unmerge() did nothing", stacklevel=2)
+            return
+        self.base_layer.weight.copy_(lorad_rotate(self.base_layer.weight, -self.theta_a, self.theta_b))
+        self.merged = False
