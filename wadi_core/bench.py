@@ -31,7 +31,7 @@ from typing import Iterator
 import pandas as pd
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from wadi_core.adapters import DoRALinear, LoRALinear, LoRaDLinear
 from wadi_core.adapters.official_hook import OfficialHookLoRaD

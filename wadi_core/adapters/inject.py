@@ -33,13 +33,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..artifacts import atomic_path
-from ..backbones.paper import UNET_BLOCK_PREFIXES
 from .dora import DoRALinear
 from .lora import LoRALinear
 from .lorad import LoRaDLinear
 
 METHODS = ("lorad", "lora", "dora", "dora_frozen_norm", "full")
 RULES = ("student", "fake")
+UNET_BLOCK_PREFIXES = ("down_blocks", "mid_block", "up_blocks")  # the SD student rule (WADI_PAPER.md §3.2)
 FAKE_SKIP = ("proj_in", "proj_out", "time_emb_proj")  # fake-score rule skips these (WADI_PAPER.md §3.2)
 ADAPTER_TYPES = (LoRaDLinear, LoRALinear, DoRALinear)
 _CONFIG_ATTR = "_wadi_adapter_config"

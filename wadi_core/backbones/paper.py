@@ -31,10 +31,9 @@ import torch
 import transformers
 from torch import nn
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "data" / "model_configs"
+from ..adapters.inject import UNET_BLOCK_PREFIXES  # top-level modules whose Linears the SD student adapts
 
-# Top-level modules whose Linears the SD student adapts (WADI_PAPER.md §3.2, "student rule").
-UNET_BLOCK_PREFIXES = ("down_blocks", "mid_block", "up_blocks")
+MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "data" / "model_configs"
 
 # transformers 5 returns a near-empty tokenizer (a few special tokens) instead of raising when the vocabulary
 # files are missing from the cache; anything this small cannot be CLIP's (49,408) or T5's (32,100) vocabulary.

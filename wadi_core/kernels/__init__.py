@@ -1,0 +1,102 @@
+"""GPU kernels for LoRaD (issue 6): a fused Triton forward/backward and the dispatcher :func:`lorad_linear`.
+
+Importing this package does not import triton; :mod:`.lorad_triton` (which does) is loaded on first use. The
+reference (:class:`wadi_core.adapters.LoRaDFunction`) is the correctness oracle and the CPU path.
+
+Backend choice, ``WADI_LORAD_BACKEND`` = ``auto`` (default) | ``triton`` | ``reference``:
+
+* ``auto``: Triton for CUDA tensors (when triton imports), the reference otherwise;
+* ``triton``: always Triton; on CPU tensors this works only under ``TRITON_INTERPRET=1`` (set before triton's
+  kernels are defined), which is how the CPU tests run it;
+* ``reference``: always :class:`~wadi_core.adapters.LoRaDFunction`.
+
+Inference needs no kernel: a merged student (``merge``) is a plain Linear on W', so it costs exactly the
+frozen UNet.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+ENV_VAR = "WADI_LORAD_BACKEND"
+
+__all__ = ["BACKENDS", "ENV_VAR", "TritonLoRaDFunction", "load_adapter_module", "lorad_linear", "reference_lorad",
+           "select_backend"]
+
+
+def load_adapter_module(name: str) -> ModuleType:
+    """``wadi_core.adapters.<name>``, or, where that package cannot be imported (it pulls in diffusers, which the
+    GPU benchmark environment lacks), the same file loaded on its own. ``lorad`` and ``official_hook`` import
+    only torch."""
+    full = f"wadi_core.adapters.{name}"
+    if full in sys.modules:
+        return sys.modules[full]
+    try:
+        return importlib.import_module(full)
+    except ImportError:
+        alias = f"wadi_core.kernels._standalone_{name}"
+        if alias in sys.modules:
+            return sys.modules[alias]
+        path = Path(__file__).resolve().parent.parent / "adapters" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(alias, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[alias] = module
+        spec.loader.exec_module(module)
+        return module
+
+
+def reference_lorad() -> ModuleType:
+    """The reference module :mod:`wadi_core.adapters.lorad` (see :func:`load_adapter_module`)."""
+    return load_adapter_module("lorad")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def select_backend(x: torch.Tensor) -> str:
+    """``"triton"`` or ``"reference"`` for input ``x``, following ``WADI_LORAD_BACKEND`` (see the module doc)."""
+    choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={choice!r}; expected one of {BACKENDS}")
+    if choice == "reference":
+        return "reference"
+    if choice == "triton":
+        if not _triton_available():
+            raise RuntimeError(f"{ENV_VAR}=triton but triton is not installed")
+        if x.device.type != "cuda" and not _interpreting():
+            raise RuntimeError(
+                f"{ENV_VAR}=triton on a {x.device.type} tensor needs Triton's CPU interpreter: set "
+                "TRITON_INTERPRET=1 before triton is imported (slow; meant for tests), or use CUDA tensors"
+            )
+        return "triton"
+    return "triton" if x.device.type == "cuda" and _triton_available() else "reference"
+
+
+def lorad_linear(x, weight, bias, theta_a, theta_b):
+    """y = x·W'ᵀ + b with W' = rot(W, A·B), by the backend :func:`select_backend` picks (autograd-aware)."""
+    if select_backend(x) == "triton":
+        from .lorad_triton import TritonLoRaDFunction as function
+    else:
+        function = reference_lorad().LoRaDFunction
+    return function.apply(x, weight, bias, theta_a, theta_b)
+
+
+def __getattr__(name: str):
+    if name == "TritonLoRaDFunction":  # lazy: importing it imports triton
+        from .lorad_triton import TritonLoRaDFunction
+
+        return TritonLoRaDFunction
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
