@@ -33,9 +33,9 @@ __all__ = ["BACKENDS", "ENV_VAR", "TritonLoRaDFunction", "load_adapter_module", 
 
 
 def load_adapter_module(name: str) -> ModuleType:
-    """``wadi_core.adapters.<name>``, or, where that package cannot be imported (it pulls in diffusers, which the
-    GPU benchmark environment lacks), the same file loaded on its own. ``lorad`` and ``official_hook`` import
-    only torch."""
+    """``wadi_core.adapters.<name>``, or, where that package cannot be imported (a bare GPU environment missing
+    one of its dependencies, e.g. safetensors), the same file loaded on its own: ``lorad`` and
+    ``official_hook`` import only torch."""
     full = f"wadi_core.adapters.{name}"
     if full in sys.modules:
         return sys.modules[full]

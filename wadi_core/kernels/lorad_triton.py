@@ -191,7 +191,7 @@ def _dot_f32(dtype: torch.dtype) -> bool:
 def _blocks(x: torch.Tensor, rank: int, blocks: dict[str, int] | None) -> dict[str, int]:
     out = default_blocks(x.device)
     out["BLOCK_R"] = _block_r(rank)
-    out.update(blocks or {})
+    out.update(blocks or {})  # may also carry launch options: num_warps, num_stages
     return out
 
 
@@ -207,7 +207,7 @@ def lorad_forward(x2d, weight, bias, theta_a, theta_b, blocks=None):
         x2d, weight, theta_a, theta_b, bias if bias is not None else y, y, M, N, K2, R,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), theta_a.stride(0), theta_a.stride(1),
         theta_b.stride(0), theta_b.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, DOT_F32=_dot_f32(x2d.dtype), **bl, **_launch_opts(x2d.device))
+        HAS_BIAS=bias is not None, DOT_F32=_dot_f32(x2d.dtype), **{**_launch_opts(x2d.device), **bl})
     return y
 
 
@@ -223,7 +223,7 @@ def lorad_dx(dy2d, weight, theta_a, theta_b, out_dtype, blocks=None):
         dy2d, weight, theta_a, theta_b, dx, M, N, K2, R,
         dy2d.stride(0), dy2d.stride(1), weight.stride(0), weight.stride(1), theta_a.stride(0), theta_a.stride(1),
         theta_b.stride(0), theta_b.stride(1), dx.stride(0), dx.stride(1),
-        DOT_F32=_dot_f32(dy2d.dtype), **bl, **_launch_opts(dy2d.device))
+        DOT_F32=_dot_f32(dy2d.dtype), **{**_launch_opts(dy2d.device), **bl})
     return dx
 
 
@@ -242,7 +242,7 @@ def lorad_dtheta(dy2d, x2d, weight, theta_a, theta_b, blocks=None):
         dy2d.stride(0), dy2d.stride(1), x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
         theta_a.stride(0), theta_a.stride(1), theta_b.stride(0), theta_b.stride(1),
         d_theta.stride(0), d_theta.stride(1),
-        DOT_F32=_dot_f32(dy2d.dtype), **bl, **_launch_opts(dy2d.device))
+        DOT_F32=_dot_f32(dy2d.dtype), **{**_launch_opts(dy2d.device), **bl})
     return d_theta
 
 
