@@ -1,0 +1,103 @@
+"""Configuration of the VSD distillation loop (DESIGN.md §4 "VSD", WADI_PAPER.md §4.2).
+
+Defaults are the paper's values (SD1.5 column of WADI_PAPER.md §4.2). Every deviation from the official loop
+that the tiny world may need (fake-score warm-up, fake:generator update ratio, gradient normalisation, EMA,
+loss reduction, dropout mode) is a named field whose paper-faithful value is the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..adapters import METHODS
+from .losses import GENERATOR_REDUCTIONS, NULL_DROPOUT_MODES
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class VSDConfig:
+    """One-step VSD student + fake score (WaDi: LoRaD for both). Hash-stable: frozen, plain fields only."""
+
+    # Student: teacher weights + adapter at identity (adapters.METHODS; "full" = SwiftBrush-style fine-tune).
+    student_method: str = "lorad"
+    student_rank: int = 256  # paper: 256 on SD1.5/2.1, 128 on PixArt-α; ignored by "full"
+    # Fake score: a second copy of the teacher with its own adapter (the "teacher_lora" of the official code).
+    fake_method: str = "lorad"
+    fake_rank: int = 32  # paper: 32 for every backbone
+    # Objective (WADI_PAPER.md §4.1).
+    guidance_scale: float = 1.5  # CFG of both the real and the fake score in the generator loss
+    t_min_fraction: float = 0.02  # generator t ~ U{⌊t_min·T⌋, …, ⌊t_max·T⌋−1} = {20, …, 980}
+    t_max_fraction: float = 0.981
+    fake_null_dropout: float = 0.1  # probability of the empty prompt in the fake-score loss
+    fake_null_dropout_mode: str = "batch"  # "batch": whole batch at once (official); "sample": per sample (ours)
+    generator_loss_reduction: str = "mean"  # "mean": official 0.5·MSE; "sum_pixels": ours (see losses.py)
+    # Optimisation (AdamW, β = (0.9, 0.999), wd 0, constant LR, no warm-up in the paper).
+    student_lr: float = 1e-4
+    fake_lr: float = 1e-2
+    batch_size: int = 128  # global batch (paper: 8 GPUs × 16)
+    steps: int = 22_200  # generator steps (paper: 2 epochs of 1,418,723 prompts at batch 128 ≈ 22.2k)
+    grad_clip: float = 1.0  # max gradient norm, for the student and the fake score separately
+    ema_decay: float | None = None  # θ-EMA of the student; None = off (paper default), optional 0.999
+    # Deviations from the official loop (paper-faithful values are the defaults).
+    fake_warmup_steps: int = 0  # fake-score-only steps before the first generator step
+    fake_updates_per_step: int = 1  # fake-score updates per generator step (official: 1:1)
+    normalize_generator_grad: bool = False  # DMD-style per-sample normalisation of g_t (official: off)
+    # Runtime.
+    seed: int = 0  # the official scripts use seed None (non-deterministic); ours is always fixed
+    mixed_precision: str = "no"  # accelerate's setting; paper: "fp16" (SD), "bf16" (PixArt); "no" on CPU
+    checkpoint_every: int = 500  # generator steps between checkpoints (ours: the official θ save never fires)
+
+    def __post_init__(self) -> None:
+        for name in ("student_method", "fake_method"):
+            value = getattr(self, name)
+            if value not in METHODS:
+                raise ValueError(
+                    f"VSDConfig.{name}: unknown adapter method {value!r}; choose one of {', '.join(METHODS)}"
+                )
+        for name in ("student_rank", "fake_rank", "batch_size", "checkpoint_every", "fake_updates_per_step"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"VSDConfig.{name}: must be a positive integer, got {value!r}")
+        for name in ("steps", "fake_warmup_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"VSDConfig.{name}: must be a non-negative integer, got {value!r}")
+        if not 0.0 <= self.t_min_fraction < self.t_max_fraction <= 1.0:
+            raise ValueError(
+                f"VSDConfig.t_min_fraction/t_max_fraction: need 0 ≤ t_min_fraction < t_max_fraction ≤ 1, "
+                f"got t_min_fraction={self.t_min_fraction}, t_max_fraction={self.t_max_fraction}"
+            )
+        for name in ("student_lr", "fake_lr", "grad_clip"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"VSDConfig.{name}: must be > 0, got {value!r}")
+        if not self.guidance_scale > 0:
+            raise ValueError(f"VSDConfig.guidance_scale: must be > 0, got {self.guidance_scale!r}")
+        if not 0.0 <= self.fake_null_dropout <= 1.0:
+            raise ValueError(f"VSDConfig.fake_null_dropout: must lie in [0, 1], got {self.fake_null_dropout!r}")
+        if self.fake_null_dropout_mode not in NULL_DROPOUT_MODES:
+            raise ValueError(
+                f"VSDConfig.fake_null_dropout_mode: {self.fake_null_dropout_mode!r} not in "
+                f"{', '.join(NULL_DROPOUT_MODES)}"
+            )
+        if self.generator_loss_reduction not in GENERATOR_REDUCTIONS:
+            raise ValueError(
+                f"VSDConfig.generator_loss_reduction: {self.generator_loss_reduction!r} not in "
+                f"{', '.join(GENERATOR_REDUCTIONS)}"
+            )
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"VSDConfig.ema_decay: must be None (off) or lie in (0, 1), got {self.ema_decay!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(
+                f"VSDConfig.mixed_precision: {self.mixed_precision!r} not in {', '.join(MIXED_PRECISION)}"
+            )
+
+    @property
+    def t_range(self) -> tuple[float, float]:
+        """(t_min_fraction, t_max_fraction), the ``t_range`` argument of :func:`~.losses.generator_loss`."""
+        return (self.t_min_fraction, self.t_max_fraction)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
