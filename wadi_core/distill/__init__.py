@@ -23,3 +23,7 @@ __all__ = [
     "one_step_x0",
     "timestep_bounds",
 ]
+
+from .vsd import VSDResult, checkpoint_path, latest_checkpoint, train_vsd  # noqa: E402
+
+__all__ += ["VSDResult", "checkpoint_path", "latest_checkpoint", "train_vsd"]

@@ -1,0 +1,150 @@
+"""VSD training loop (DESIGN.md §4 "VSD"): identity start, bitwise resume on CPU, NaN stop with the last checkpoint
+kept, the per-step log, and full fine-tuning, on a toy-size diffusers U-Net."""
+
+import copy
+import math
+
+import pandas as pd
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors import safe_open
+
+from wadi_core.adapters import count_trainable, inject
+from wadi_core.backbones.tiny import make_scheduler
+from wadi_core.distill import VSDConfig, latest_checkpoint, one_step_x0, train_vsd
+from wadi_core.distill.vsd import LOG_COLUMNS
+
+BATCH, CHANNELS, SIZE, TOKENS, DIM, PROMPTS = 2, 3, 8, 4, 8, 16
+
+
+def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=SIZE, in_channels=CHANNELS, out_channels=CHANNELS, block_out_channels=(8, 16),
+        layers_per_block=1, cross_attention_dim=DIM, attention_head_dim=2, norm_num_groups=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
+def config(**overrides) -> VSDConfig:
+    base = dict(student_method="lorad", student_rank=2, fake_method="lora", fake_rank=2, batch_size=BATCH, steps=4,
+                checkpoint_every=2, student_lr=1e-3, fake_lr=1e-3, seed=3)
+    return VSDConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def scheduler():
+    return make_scheduler()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(PROMPTS, TOKENS, DIM, generator=gen), torch.randn(1, TOKENS, DIM, generator=gen)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, scheduler, prompts):
+    embeds, null = prompts
+    return train_vsd(tiny_unet(), scheduler, embeds, null, config(), tmp_path_factory.mktemp("A"), progress=False)
+
+
+def trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_student_starts_at_teacher_one_step_prediction(scheduler, prompts):
+    embeds, _ = prompts
+    teacher = tiny_unet()
+    student = copy.deepcopy(teacher)
+    inject(student, "lorad", 2, "student")
+    z = torch.randn(BATCH, CHANNELS, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = one_step_x0(teacher, z, embeds[:BATCH], scheduler)
+        got = one_step_x0(student, z, embeds[:BATCH], scheduler)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_training_changes_only_the_adapters_and_teacher_stays_frozen(uninterrupted):
+    teacher = tiny_unet()
+    assert uninterrupted.steps_done == 4 and uninterrupted.resumed_from is None
+    base = dict(teacher.named_parameters())
+    for name, param in uninterrupted.student.named_parameters():
+        if not param.requires_grad:  # frozen base weights are the teacher's, untouched
+            key = name.replace(".base_layer", "")
+            assert torch.equal(param, base[key]), name
+    assert any(p.abs().sum() > 0 for n, p in uninterrupted.student.named_parameters() if n.endswith("theta_a"))
+
+
+def test_resume_is_bitwise_equal_to_uninterrupted_run(tmp_path, scheduler, prompts, uninterrupted):
+    embeds, null = prompts
+    first = train_vsd(tiny_unet(), scheduler, embeds, null, config(), tmp_path, max_steps=2, progress=False)
+    assert first.steps_done == 2
+    assert latest_checkpoint(tmp_path).name == "checkpoint-2.safetensors"
+    resumed = train_vsd(tiny_unet(), scheduler, embeds, null, config(), tmp_path, progress=False)
+    assert resumed.resumed_from == 2 and resumed.steps_done == 4
+    for part in ("student", "fake"):
+        want, got = trainable(getattr(uninterrupted, part)), trainable(getattr(resumed, part))
+        assert want.keys() == got.keys()
+        for name in want:
+            assert torch.equal(want[name], got[name]), f"{part}.{name}"
+    cols = ["step", "generator_loss", "fake_loss", "student_grad_norm", "fake_grad_norm"]
+    pd.testing.assert_frame_equal(resumed.log[cols], uninterrupted.log[cols], check_exact=True)
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-4.safetensors"]
+
+
+def test_log_has_one_finite_row_per_step(uninterrupted):
+    log = uninterrupted.log
+    assert list(log.columns) == list(LOG_COLUMNS)
+    assert log["step"].tolist() == [1, 2, 3, 4]
+    assert all(math.isfinite(v) for v in log.drop(columns="step").to_numpy().ravel())
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, scheduler, prompts):
+    embeds, null = prompts
+    train_vsd(tiny_unet(), scheduler, embeds, null, config(), tmp_path, max_steps=2, progress=False)
+    broken = tiny_unet()
+    with torch.no_grad():
+        broken.conv_out.weight.fill_(float("nan"))  # the student (a copy) now outputs NaN
+    with pytest.raises(RuntimeError, match=r"generator step 3.*checkpoint-2\.safetensors is kept"):
+        train_vsd(broken, scheduler, embeds, null, config(), tmp_path, progress=False)
+    checkpoint = latest_checkpoint(tmp_path)
+    assert checkpoint.name == "checkpoint-2.safetensors"
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        assert handle.metadata()["step"] == "2"
+        assert torch.isfinite(handle.get_tensor("rng.generator").float()).all()
+    log = pd.read_csv(tmp_path / "log.csv")
+    assert log["step"].tolist() == [1, 2]
+
+
+def test_full_method_trains_every_student_parameter(tmp_path, scheduler, prompts):
+    embeds, null = prompts
+    teacher = tiny_unet()
+    # Step 1 has zero generator gradient (fake score = teacher at init); step 2 sees the updated fake score.
+    result = train_vsd(teacher, scheduler, embeds, null, config(student_method="full", steps=2, student_lr=1e-4),
+                       tmp_path, progress=False)
+    student = result.student
+    assert count_trainable(student) == sum(p.numel() for p in student.parameters())
+    moved = [n for n, p in student.named_parameters() if not torch.equal(p, dict(teacher.named_parameters())[n])]
+    assert len(moved) > 0.9 * len(list(student.parameters()))
+
+
+def test_resume_rejects_a_different_config(tmp_path, scheduler, prompts):
+    embeds, null = prompts
+    train_vsd(tiny_unet(), scheduler, embeds, null, config(steps=1), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="student_lr"):
+        train_vsd(tiny_unet(), scheduler, embeds, null, config(steps=2, student_lr=5e-4), tmp_path, progress=False)
+
+
+def test_resume_is_bitwise_with_fake_warmup_and_two_fake_updates(tmp_path, scheduler, prompts):
+    embeds, null = prompts
+    cfg = config(steps=3, fake_warmup_steps=2, fake_updates_per_step=2)
+    whole = train_vsd(tiny_unet(), scheduler, embeds, null, cfg, tmp_path / "A", progress=False)
+    train_vsd(tiny_unet(), scheduler, embeds, null, cfg, tmp_path / "B", max_steps=1, progress=False)
+    resumed = train_vsd(tiny_unet(), scheduler, embeds, null, cfg, tmp_path / "B", progress=False)
+    assert resumed.resumed_from == 1
+    for part in ("student", "fake"):
+        want, got = trainable(getattr(whole, part)), trainable(getattr(resumed, part))
+        assert all(torch.equal(want[n], got[n]) for n in want), part
+    assert resumed.log["generator_loss"].tolist() == whole.log["generator_loss"].tolist()

@@ -1,0 +1,355 @@
+"""The VSD distillation loop (DESIGN.md §4 "VSD", WADI_PAPER.md §4): one-step student, frozen real score,
+trainable fake score, with accelerate, per-step CSV log, atomic checkpoints and exact resume.
+
+Typical use::
+
+    result = train_vsd(teacher_unet, scheduler, prompt_embeds, null_embed, VSDConfig(...), "runs/wadi")
+    result.student      # the one-step student (adapters not merged)
+    result.log          # one row per generator step
+
+Determinism: every random draw of the loop (prompt indices, z, the losses' t/ε/dropout) goes through one CPU
+``torch.Generator`` seeded with ``config.seed`` (plus the process index under ``accelerate launch``); adapter
+initialisation uses the global CPU RNG seeded with ``config.seed`` inside a forked RNG scope, so the caller's
+global RNG is untouched. Order of draws per generator step: prompt indices (B,), z (B, C, H, W), the generator
+loss (t, ε), then for each fake update the fake-score loss (t, ε, dropout). A checkpoint stores the trainable
+parameters, both optimizers' states, the CPU RNG state and the loop generator's state, so that on CPU an
+interrupted run resumed to the end equals the uninterrupted run bitwise.
+
+Checkpoint format (safetensors, no pickle): tensors ``student.<param>``, ``fake.<param>``,
+``optim.student.<i>.<key>``, ``optim.fake.<i>.<key>`` (AdamW state of the i-th trainable parameter),
+``rng.torch_cpu`` and ``rng.generator`` (uint8); metadata ``format``, ``step``, ``config`` (JSON),
+``config_hash``.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from diffusers import DDPMScheduler
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapters import inject
+from ..artifacts import atomic_path, canonical_json, config_hash
+from .config import VSDConfig
+from .losses import fake_score_loss, generator_loss, one_step_x0
+
+CHECKPOINT_FORMAT = "wadi-vsd-checkpoint"
+LOG_NAME = "log.csv"
+LOG_COLUMNS = ("step", "generator_loss", "fake_loss", "student_grad_norm", "fake_grad_norm", "seconds")
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.safetensors$")
+# Fields that may differ between a run and its resumption (they change where it stops, not what it computes).
+_RESUMABLE_CHANGES = ("steps", "checkpoint_every")
+
+
+@dataclass
+class VSDResult:
+    """What :func:`train_vsd` returns."""
+
+    student: nn.Module  # one-step student (teacher + adapter, unmerged), on the training device
+    fake: nn.Module  # fake score (teacher + adapter)
+    log: pd.DataFrame  # one row per generator step, columns LOG_COLUMNS
+    steps_done: int  # generator steps completed (all runs together)
+    resumed_from: int | None  # step of the checkpoint this call started from; None for a fresh run
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_path(out_dir: str | Path, step: int) -> Path:
+    return Path(out_dir) / f"checkpoint-{step}.safetensors"
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The checkpoint with the highest step in ``out_dir``; None when there is none."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in out_dir.iterdir() if (m := _CHECKPOINT_RE.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
+    state = optimizer.state_dict()["state"]
+    return {f"{prefix}.{index}.{key}": torch.as_tensor(value) for index, entry in state.items()
+            for key, value in entry.items()}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith(prefix + "."):
+            index, key = name[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(index), {})[key] = value
+    current = optimizer.state_dict()
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+
+
+def _save_checkpoint(path: Path, step: int, student: nn.Module, fake: nn.Module, opt_student, opt_fake,
+                     generator: torch.Generator, config: VSDConfig) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    tensors.update({f"student.{n}": p.detach() for n, p in _trainable(student).items()})
+    tensors.update({f"fake.{n}": p.detach() for n, p in _trainable(fake).items()})
+    tensors.update(_optimizer_tensors(opt_student, "optim.student"))
+    tensors.update(_optimizer_tensors(opt_fake, "optim.fake"))
+    tensors["rng.torch_cpu"] = torch.get_rng_state()
+    tensors["rng.generator"] = generator.get_state()
+    tensors = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
+    metadata = {"format": CHECKPOINT_FORMAT, "step": str(step), "config": canonical_json(config),
+                "config_hash": config_hash(config)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a VSD checkpoint (format {metadata.get('format')!r})")
+    return load_file(str(path)), metadata
+
+
+def _check_same_run(path: Path, metadata: dict[str, str], config: VSDConfig) -> None:
+    saved = json.loads(metadata["config"])
+    current = json.loads(canonical_json(config))
+    differ = sorted(k for k in set(saved) | set(current)
+                    if k not in _RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+    if differ:
+        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in differ)
+        raise ValueError(f"cannot resume from {path}: it was written with a different VSDConfig ({details}); "
+                         "use another out_dir or the original config")
+
+
+def _load_params(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, path: Path) -> None:
+    params = _trainable(model)
+    saved = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    if set(saved) != set(params):
+        missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+        raise ValueError(f"{path}: {prefix} parameters do not match the model (missing {missing[:5]}, "
+                         f"unexpected {extra[:5]})")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(saved[name])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Log
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _prepare_log(path: Path, keep_until: int) -> None:
+    """Keep only rows with step ≤ ``keep_until`` (rows past the resumed checkpoint are recomputed)."""
+    rows = []
+    if path.exists():
+        with path.open(newline="") as handle:
+            rows = [r for r in csv.DictReader(handle) if r.get("step") and int(r["step"]) <= keep_until]
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in LOG_COLUMNS} for r in rows)
+
+
+def _append_log(path: Path, row: dict) -> None:
+    with path.open("a", newline="") as handle:
+        csv.DictWriter(handle, fieldnames=LOG_COLUMNS).writerow(row)
+        handle.flush()
+
+
+def _fmt(value: float) -> str:
+    return repr(float(value))  # shortest round-trip text: the CSV holds the exact float
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_finite(value: torch.Tensor, what: str, where: str, last_checkpoint: Path | None) -> float:
+    number = float(value.detach())
+    if not math.isfinite(number):
+        kept = f"the last good checkpoint {last_checkpoint} is kept" if last_checkpoint else \
+            "no checkpoint was written yet"
+        raise RuntimeError(f"VSD training stopped at {where}: non-finite {what} ({number}); nothing was updated "
+                           f"at this step and {kept}. Lower the learning rates or check the teacher/prompts.")
+    return number
+
+
+def train_vsd(
+    teacher_unet: nn.Module,
+    scheduler: DDPMScheduler,
+    prompt_embeds: torch.Tensor,
+    null_embed: torch.Tensor,
+    config: VSDConfig,
+    out_dir: str | Path,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> VSDResult:
+    """Distil ``teacher_unet`` into a one-step student with VSD (DESIGN.md §4), resuming from ``out_dir``.
+
+    Args:
+        teacher_unet: the frozen real score (a diffusers ``UNet2DConditionModel``); copied for the student and
+            the fake score, and itself set to ``requires_grad_(False)``.
+        scheduler: the teacher's DDPM scheduler (ᾱ for the one-step formula and the losses).
+        prompt_embeds: (N, L, D) cached text states of the training prompts; each step samples B of them.
+        null_embed: (1, L, D) or (L, D) states of the empty prompt (CFG's unconditional branch).
+        config: the run's :class:`VSDConfig` (``steps`` generator steps in total).
+        out_dir: holds ``log.csv`` and the latest ``checkpoint-<step>.safetensors``; a checkpoint there is
+            resumed (same config required, except ``steps``/``checkpoint_every``).
+        max_steps: stop once this many generator steps are done in total (all runs together), writing a
+            checkpoint there; None means ``config.steps``. For interrupting and resuming a run.
+        progress: show a tqdm bar.
+
+    Raises:
+        RuntimeError: a non-finite loss; the message names the step, nothing is updated and the last
+            checkpoint stays in ``out_dir``.
+        ValueError: a checkpoint in ``out_dir`` from a different config, or bad inputs.
+        NotImplementedError: ``ema_decay`` or ``normalize_generator_grad`` set (not implemented in this loop).
+    """
+    from accelerate import Accelerator
+
+    if config.ema_decay is not None:
+        raise NotImplementedError("VSDConfig.ema_decay: student EMA is not implemented in train_vsd yet; use None")
+    if config.normalize_generator_grad:
+        raise NotImplementedError("VSDConfig.normalize_generator_grad: not implemented in train_vsd yet; use False")
+    if prompt_embeds.ndim != 3:
+        raise ValueError(f"prompt_embeds must be (N, L, D), got shape {tuple(prompt_embeds.shape)}")
+    null_embed = null_embed.reshape(1, *prompt_embeds.shape[1:])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / LOG_NAME
+    stop = config.steps if max_steps is None else min(int(max_steps), config.steps)
+
+    with torch.random.fork_rng(devices=[]):  # the caller's global CPU RNG is left as it was
+        torch.manual_seed(config.seed)
+        # (1) Student: teacher weights + adapter at identity ("full": every parameter trainable).
+        student = copy.deepcopy(teacher_unet)
+        inject(student, config.student_method, config.student_rank, "student")
+        # (2) Fake score: a second copy with the fake-rule adapter; the real score is the frozen teacher.
+        fake = copy.deepcopy(teacher_unet)
+        inject(fake, config.fake_method, config.fake_rank, "fake")
+        real = teacher_unet.requires_grad_(False).eval()
+        student.train()
+        fake.train()
+
+        # (3) AdamW for each (constant LR), gradient clipping below.
+        opt_student = torch.optim.AdamW(list(_trainable(student).values()), lr=config.student_lr, weight_decay=0.0)
+        opt_fake = torch.optim.AdamW(list(_trainable(fake).values()), lr=config.fake_lr, weight_decay=0.0)
+
+        # (4) accelerate: the same code on CPU, one GPU or `accelerate launch` over N GPUs.
+        accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+        device = accelerator.device
+        student, fake, opt_student, opt_fake = accelerator.prepare(student, fake, opt_student, opt_fake)
+        real.to(device)
+        raw_student, raw_fake = accelerator.unwrap_model(student), accelerator.unwrap_model(fake)
+        per_process_batch = max(1, config.batch_size // accelerator.num_processes)
+        generator = torch.Generator(device="cpu").manual_seed(config.seed + accelerator.process_index)
+        embeds_cpu = prompt_embeds.detach().to("cpu")
+        null = null_embed.to(device)
+        channels = raw_student.config.in_channels
+        size = raw_student.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+
+        # (9) Resume from the latest checkpoint in out_dir: parameters, optimizers, RNG states, step.
+        start, resumed_from, last_checkpoint = 0, None, latest_checkpoint(out_dir)
+        if last_checkpoint is not None:
+            tensors, metadata = _read_checkpoint(last_checkpoint)
+            _check_same_run(last_checkpoint, metadata, config)
+            _load_params(raw_student, tensors, "student", last_checkpoint)
+            _load_params(raw_fake, tensors, "fake", last_checkpoint)
+            _load_optimizer(opt_student, tensors, "optim.student")
+            _load_optimizer(opt_fake, tensors, "optim.fake")
+            torch.set_rng_state(tensors["rng.torch_cpu"])
+            generator.set_state(tensors["rng.generator"])
+            start = resumed_from = int(metadata["step"])
+        if accelerator.is_main_process:
+            _prepare_log(log_path, keep_until=start)
+
+        def sample_batch() -> tuple[torch.Tensor, torch.Tensor]:
+            """(5a) B prompt states and z ~ N(0, I), both drawn from the loop generator."""
+            index = torch.randint(0, embeds_cpu.shape[0], (per_process_batch,), generator=generator)
+            z = torch.randn((per_process_batch, channels, *size), generator=generator)
+            return embeds_cpu[index].to(device), z.to(device)
+
+        def fake_update(x0: torch.Tensor, cond: torch.Tensor, where: str) -> tuple[float, float]:
+            """(5d) One fake-score step on the student's detached samples."""
+            with accelerator.autocast():
+                loss = fake_score_loss(fake, x0.detach(), cond, null, scheduler, generator,
+                                       null_dropout=config.fake_null_dropout,
+                                       null_dropout_mode=config.fake_null_dropout_mode)
+            value = _check_finite(loss, "fake-score loss", where, last_checkpoint)
+            accelerator.backward(loss)
+            norm = accelerator.clip_grad_norm_(list(_trainable(raw_fake).values()), config.grad_clip)
+            opt_fake.step()
+            opt_fake.zero_grad(set_to_none=True)
+            return value, float(norm)
+
+        # (5b) Optional fake-score warm-up before the first generator step (only in a fresh run).
+        if start == 0:
+            for warm in range(config.fake_warmup_steps):
+                cond, z = sample_batch()
+                with torch.no_grad(), accelerator.autocast():
+                    x0 = one_step_x0(student, z, cond, scheduler)
+                fake_update(x0, cond, f"fake warm-up step {warm + 1}/{config.fake_warmup_steps}")
+
+        bar = tqdm(total=stop, initial=start, desc="VSD", disable=not progress or not accelerator.is_main_process)
+        step = start
+        while step < stop:
+            step += 1
+            began = time.perf_counter()
+            where = f"generator step {step}"
+            # (5a) Prompts, noise and the student's one-step sample x0 = (z − σ_T ε̂)/α_T.
+            cond, z = sample_batch()
+            with accelerator.autocast():
+                x0 = one_step_x0(student, z, cond, scheduler)
+                # (5c) Generator update: ½‖x0 − sg(x0 − σ_t²(ε_real − ε_fake))‖², both scores with CFG.
+                g_loss, _ = generator_loss(x0, real, fake, cond, null, scheduler, config.guidance_scale, generator,
+                                           t_range=config.t_range, reduction=config.generator_loss_reduction)
+            # (7) A non-finite loss stops before any update; the last checkpoint stays as it is.
+            g_value = _check_finite(g_loss, "generator loss", where, last_checkpoint)
+            accelerator.backward(g_loss)
+            s_norm = accelerator.clip_grad_norm_(list(_trainable(raw_student).values()), config.grad_clip)
+            opt_student.step()
+            opt_student.zero_grad(set_to_none=True)
+            opt_fake.zero_grad(set_to_none=True)  # nothing should have reached it; keep it clean anyway
+            # (5d) Fake-score update(s) on stopgrad(x0), fresh t/ε each.
+            for _ in range(config.fake_updates_per_step):
+                f_value, f_norm = fake_update(x0, cond, where)
+            seconds = time.perf_counter() - began
+            # (6) Per-step log (appended and flushed: a crash loses at most the row being written).
+            if accelerator.is_main_process:
+                _append_log(log_path, {"step": step, "generator_loss": _fmt(g_value), "fake_loss": _fmt(f_value),
+                                       "student_grad_norm": _fmt(s_norm), "fake_grad_norm": _fmt(f_norm),
+                                       "seconds": _fmt(seconds)})
+            bar.update(1)
+            bar.set_postfix(g=f"{g_value:.3g}", fake=f"{f_value:.3g}")
+            # (8) Atomic checkpoint every checkpoint_every steps and at the stop; keep only the latest.
+            if step % config.checkpoint_every == 0 or step == stop:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    path = checkpoint_path(out_dir, step)
+                    _save_checkpoint(path, step, raw_student, raw_fake, opt_student, opt_fake, generator, config)
+                    for old in out_dir.glob("checkpoint-*.safetensors"):
+                        if old != path and _CHECKPOINT_RE.match(old.name):
+                            old.unlink()
+                    last_checkpoint = path
+        bar.close()
+
+    log = pd.read_csv(log_path) if log_path.exists() else pd.DataFrame(columns=LOG_COLUMNS)
+    return VSDResult(student=raw_student, fake=raw_fake, log=log, steps_done=step, resumed_from=resumed_from)
