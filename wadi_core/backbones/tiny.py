@@ -36,6 +36,7 @@ from ..artifacts import (
     split_log,
     training_allowed,
 )
+from ..distill.losses import one_step_x0
 from ..optim import cosine_lr, set_lr
 from ..profiles import ClipTrainConfig, Profile, TeacherTrainConfig, WorldConfig
 from ..world import ShapesDataset, make_split
@@ -305,22 +306,15 @@ class TinyBackbone:
         return self.encode_prompts([""])
 
     @torch.no_grad()
-    def one_step(self, prompts: list[str], seed: int, guidance_scale: float = 1.0) -> torch.Tensor:
+    def one_step(self, prompts: list[str], seed: int) -> torch.Tensor:
         """The teacher's own one-step image (what a VSD student is at init), in [0, 1] (B, 3, H, W).
 
-        Paper (WADI_PAPER.md §4.1): z ~ N(0, I), t = T−1, x0 = (z − σ_T ε̂(z, t, c)) / α_T with α_T² = ᾱ_{T−1},
-        so any ε̂ error is amplified by 1/α_T (14.6 with SD1.5's schedule).
+        :func:`wadi_core.distill.one_step_x0` on z ~ N(0, I) drawn from ``seed``: x0 = (z − σ_T ε̂)/α_T, so any
+        ε̂ error is amplified by 1/α_T (14.6 with SD1.5's schedule; WADI_PAPER.md §4.1).
         """
         size, channels = self.unet.config.sample_size, self.unet.config.in_channels
         z = torch.randn(len(prompts), channels, size, size, generator=torch.Generator().manual_seed(seed))
-        t = self.scheduler.config.num_train_timesteps - 1
-        alpha_bar = self.scheduler.alphas_cumprod[t]
-        cond = self.encode_prompts(prompts)
-        eps = self.unet(z, t, encoder_hidden_states=cond).sample
-        if guidance_scale != 1.0:
-            eps_null = self.unet(z, t, encoder_hidden_states=self.null_embedding().expand_as(cond)).sample
-            eps = eps_null + guidance_scale * (eps - eps_null)
-        x0 = (z - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+        x0 = one_step_x0(self.unet, z, self.encode_prompts(prompts), self.scheduler)
         return (x0.clamp(-1, 1) + 1) / 2
 
     def sample(self, prompts: list[str], num_inference_steps: int, guidance_scale: float, seed: int,

@@ -38,7 +38,7 @@ from diffusers import DDPMScheduler
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ..adapters import inject
 from ..artifacts import atomic_path, canonical_json, config_hash
