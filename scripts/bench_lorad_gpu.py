@@ -14,10 +14,9 @@ Columns: median ms of forward+backward, ratio to the floor, peak extra memory du
 between forward and backward (saved for backward + output), and the max relative error vs the reference (Triton
 rows; the GPU is the only place bf16 is checked). Writes ``<out>/kernel_bench_<gpu>.csv``.
 
-Needs only torch and triton (torch 2.11 + triton 3.6 on the lent device): it never imports diffusers, loading
-``wadi_core/adapters/lorad.py`` and ``official_hook.py`` on their own where ``wadi_core.adapters`` cannot be
-imported. A time budget (``--budget-s``) keeps the whole run under five minutes; rows past it are marked
-``skipped_budget``.
+Needs only torch, safetensors and triton (torch 2.11 + triton 3.6 on the lent device): ``wadi_core.adapters``
+never imports diffusers. A time budget (``--budget-s``) keeps the whole run under five minutes; rows past it
+are marked ``skipped_budget``.
 
     python scripts/bench_lorad_gpu.py --out results/tables
 """
@@ -40,7 +39,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wadi_core.kernels import load_adapter_module  # noqa: E402  (does not import triton or diffusers)
+from wadi_core.adapters import lorad  # noqa: E402  (torch + safetensors only: no triton, no diffusers)
+from wadi_core.adapters import official_hook as hook_mod  # noqa: E402
 
 # SD1.5 UNet Linear layers at 512×512 (64×64 latent), batch 2: (name, tokens M, out, in)
 SD15_SHAPES = [
@@ -170,8 +170,6 @@ def main(argv=None) -> int:
         print("bench_lorad_gpu.py needs a CUDA GPU (none visible); nothing measured.", file=sys.stderr)
         return 2
     t_start = time.monotonic()
-    lorad = load_adapter_module("lorad")
-    hook_mod = load_adapter_module("official_hook")
     try:
         import triton
 

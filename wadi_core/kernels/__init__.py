@@ -16,46 +16,15 @@ frozen UNet.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import torch
 
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "WADI_LORAD_BACKEND"
 
-__all__ = ["BACKENDS", "ENV_VAR", "TritonLoRaDFunction", "load_adapter_module", "lorad_linear", "reference_lorad",
-           "select_backend"]
-
-
-def load_adapter_module(name: str) -> ModuleType:
-    """``wadi_core.adapters.<name>``, or, where that package cannot be imported (a bare GPU environment missing
-    one of its dependencies, e.g. safetensors), the same file loaded on its own: ``lorad`` and
-    ``official_hook`` import only torch."""
-    full = f"wadi_core.adapters.{name}"
-    if full in sys.modules:
-        return sys.modules[full]
-    try:
-        return importlib.import_module(full)
-    except ImportError:
-        alias = f"wadi_core.kernels._standalone_{name}"
-        if alias in sys.modules:
-            return sys.modules[alias]
-        path = Path(__file__).resolve().parent.parent / "adapters" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(alias, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[alias] = module
-        spec.loader.exec_module(module)
-        return module
-
-
-def reference_lorad() -> ModuleType:
-    """The reference module :mod:`wadi_core.adapters.lorad` (see :func:`load_adapter_module`)."""
-    return load_adapter_module("lorad")
+__all__ = ["BACKENDS", "ENV_VAR", "TritonLoRaDFunction", "lorad_linear", "select_backend"]
 
 
 def _interpreting() -> bool:
@@ -90,7 +59,7 @@ def lorad_linear(x, weight, bias, theta_a, theta_b):
     if select_backend(x) == "triton":
         from .lorad_triton import TritonLoRaDFunction as function
     else:
-        function = reference_lorad().LoRaDFunction
+        from ..adapters.lorad import LoRaDFunction as function
     return function.apply(x, weight, bias, theta_a, theta_b)
 
 

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference_lorad
+from ..adapters import lorad as reference
 
 _TWO_PI = 2 * math.pi
 
@@ -259,7 +259,7 @@ class TritonLoRaDFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, theta_a, theta_b):
-        reference_lorad()._check_shapes(weight, theta_a, theta_b)
+        reference._check_shapes(weight, theta_a, theta_b)
         x2d = x.reshape(-1, x.shape[-1])
         b = None if bias is None else bias.to(x.dtype)
         y = lorad_forward(x2d, weight, b, theta_a, theta_b, TritonLoRaDFunction.blocks)
@@ -284,7 +284,7 @@ class TritonLoRaDFunction(torch.autograd.Function):
             if need_b:
                 d_b = (theta_a.float().T @ d_theta).to(theta_b.dtype)
         if need_weight:  # reference math; W is frozen in every LoRaD use
-            ref = reference_lorad()
+            ref = reference
             dtype = ref._compute_dtype(weight.dtype)
             theta = ref._angles(theta_a, theta_b, dtype)
             g = (dy2d.T @ x2d.to(dy2d.dtype)).to(dtype).unflatten(-1, (-1, 2))
