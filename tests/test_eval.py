@@ -22,6 +22,12 @@ from wadi_core.world import make_split
 WORLD = WorldConfig(train_size=64, validation_size=8, coco14_size=200, coco17_size=200)
 
 
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    """FID reference statistics are cached under WADI_CACHE_DIR: keep them out of the repository's .cache."""
+    monkeypatch.setenv("WADI_CACHE_DIR", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")

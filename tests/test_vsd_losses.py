@@ -106,6 +106,25 @@ def test_generator_gradient_equals_g_and_points_from_fake_to_real(real, texts, s
     assert closer_to_real < closer_to_fake
 
 
+def test_normalized_gradient_is_dmds_rule(real, texts, scheduler):
+    """normalize=True: g = (x0_fake_pred − x0_real_pred) / mean|x0 − x0_real_pred| per sample (DMD eq. 8), a
+    positive per-sample multiple of the plain g_t (same direction, same sign)."""
+    cond, null = texts
+    fake = perturbed(real, 0.3, seed=2).requires_grad_(False)
+    x0 = torch.randn(BATCH, CHANNELS, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    _, plain = generator_loss(x0, real, fake, cond, null, scheduler, 1.5, torch.Generator().manual_seed(4))
+    _, normed = generator_loss(x0, real, fake, cond, null, scheduler, 1.5, torch.Generator().manual_seed(4),
+                               normalize=True)
+    t = normed["t"]
+    real_pred = x0_prediction(normed["x_t"], normed["eps_real"], t, scheduler)
+    fake_pred = x0_prediction(normed["x_t"], normed["eps_fake"], t, scheduler)
+    expected = (fake_pred - real_pred) / (x0 - real_pred).abs().mean(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(normed["g"], expected, rtol=1e-4, atol=1e-6)
+    ratio = (normed["g"] / plain["g"]).flatten(1)
+    assert (ratio > 0).all()
+    torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-3, atol=0)
+
+
 def test_generator_step_moves_x0_toward_real_prediction_when_fake_tracks_x0(real, texts, scheduler):
     """With a fake score that knows the sample (its ε̂ is nearer the true noise than the real score's), one SGD
     step on the generator loss decreases ‖x0 − x0_real_pred‖, x0_real_pred = (x_t − σ_t ε_real)/α_t at the

@@ -148,3 +148,39 @@ def test_resume_is_bitwise_with_fake_warmup_and_two_fake_updates(tmp_path, sched
         want, got = trainable(getattr(whole, part)), trainable(getattr(resumed, part))
         assert all(torch.equal(want[n], got[n]) for n in want), part
     assert resumed.log["generator_loss"].tolist() == whole.log["generator_loss"].tolist()
+
+
+def test_ema_is_the_lerp_of_the_student_and_resumes_bitwise(tmp_path, scheduler, prompts):
+    embeds, null = prompts
+    # After one step LoRaD's B is unchanged (A = 0 at init gives dB = 0), so EMA(d=0.5) of A is half of A.
+    # (One fake warm-up step makes the fake score differ from the teacher, so step 1 moves A.)
+    one = train_vsd(tiny_unet(), scheduler, embeds, null, config(steps=1, ema_decay=0.5, fake_warmup_steps=1),
+                    tmp_path / "one", progress=False)
+    student, ema = trainable(one.student), trainable(one.ema_student)
+    for name in student:
+        if name.endswith("theta_a"):
+            torch.testing.assert_close(ema[name], 0.5 * student[name], rtol=0, atol=1e-7)
+        else:
+            assert torch.equal(ema[name], student[name]), name
+    assert any(student[n].abs().sum() > 0 for n in student if n.endswith("theta_a"))
+    # Interrupted and resumed, the EMA is the uninterrupted run's.
+    cfg = config(steps=3, ema_decay=0.9)
+    whole = train_vsd(tiny_unet(), scheduler, embeds, null, cfg, tmp_path / "A", progress=False)
+    train_vsd(tiny_unet(), scheduler, embeds, null, cfg, tmp_path / "B", max_steps=2, progress=False)
+    resumed = train_vsd(tiny_unet(), scheduler, embeds, null, cfg, tmp_path / "B", progress=False)
+    want, got = trainable(whole.ema_student), trainable(resumed.ema_student)
+    assert all(torch.equal(want[n], got[n]) for n in want)
+    assert whole.ema_student is not whole.student and one.ema_student is not None
+
+
+def test_no_ema_by_default(uninterrupted):
+    assert uninterrupted.ema_student is None
+
+
+def test_normalized_generator_gradient_trains_and_differs(tmp_path, scheduler, prompts):
+    embeds, null = prompts
+    plain = train_vsd(tiny_unet(), scheduler, embeds, null, config(steps=3), tmp_path / "plain", progress=False)
+    normed = train_vsd(tiny_unet(), scheduler, embeds, null, config(steps=3, normalize_generator_grad=True),
+                       tmp_path / "normed", progress=False)
+    assert all(math.isfinite(v) for v in normed.log["generator_loss"])
+    assert normed.log["generator_loss"].tolist() != plain.log["generator_loss"].tolist()

@@ -115,6 +115,35 @@ class AdapterStudyConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Notebook 03: the tiny-world VSD recipe shared by every student, and the ablations (WADI_PAPER.md §4.2,
+    §6.2–6.3). Paper values are in :class:`wadi_core.distill.VSDConfig`'s defaults; deviations are named here."""
+
+    # Ranks chosen so the trainable shares mirror the paper's on the 1.41 M-parameter tiny U-Net.
+    student_rank: int = 19  # LoRaD r=19: 9.9 % of the U-Net (paper r=256 on SD1.5: 83.8 M = 9.75 %)
+    baseline_rank: int = 21  # LoRA/DoRA r=21: 1.46× LoRaD's count (paper's adapter ablation: 120.9 M / 83.8 M)
+    fake_method: str = "lorad"
+    fake_rank: int = 3  # LoRaD fake r=3: 1.28 % (paper r=32: 9.38 M = 1.09 %)
+    rank_ablation: tuple[int, ...] = (5, 10, 19, 38)  # the analogs of 64/128/256/512
+    # Learning rates per student method (paper: 1e-4 for every student, 1e-2 for the fake score).
+    student_lrs: tuple[tuple[str, float], ...] = (
+        ("lorad", 1e-3), ("full", 1e-5), ("lora", 1e-3), ("dora", 1e-3), ("dora_frozen_norm", 1e-3),
+    )
+    fake_lr: float = 1e-2
+    guidance_scale: float = 1.5  # the paper's; the tiny teacher is accurate from CFG 1.5 on (notebook 00)
+    batch_size: int = 16  # paper: 128
+    steps: int = 1000  # generator steps (paper: 22.2k); ≈ 15 CPU-minutes per student on one thread
+    # Deviations from the official loop (VSD_NOTES.md): keep the fake score ahead of the generator.
+    fake_warmup_steps: int = 30  # paper: 0
+    fake_updates_per_step: int = 2  # paper: 1
+    normalize_generator_grad: bool = False  # paper: False (DMD's per-sample normalisation)
+    ema_decay: float | None = None  # paper: None
+    checkpoint_every: int = 100
+    eval_prompts: int = 512  # coco14-like prompts for the students' accuracy / FID
+    seed: int = 6
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     world: WorldConfig = field(default_factory=WorldConfig)
@@ -123,6 +152,7 @@ class Profile:
     reader: ReaderTrainConfig = field(default_factory=ReaderTrainConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     adapters: AdapterStudyConfig = field(default_factory=AdapterStudyConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     needs_gpu: bool = False
 
     @property
@@ -130,7 +160,7 @@ class Profile:
         """Every seed of the profile, for `results/manifest.json`."""
         return {
             name: getattr(self, name).seed
-            for name in ("world", "clip", "teacher", "reader", "sampling", "adapters")
+            for name in ("world", "clip", "teacher", "reader", "sampling", "adapters", "distill")
         }
 
     def to_dict(self) -> dict:
@@ -149,6 +179,8 @@ def _smoke() -> Profile:
             num_inference_steps=2, guidance_sweep=(1.0, 3.0), sweep_prompts=4, eval_samples=160, batch_size=80
         ),
         adapters=AdapterStudyConfig(ranks=(1, 2), fit_steps=3, bench_quick=True, bench_repeats=1),
+        distill=DistillConfig(student_rank=2, baseline_rank=2, fake_rank=1, rank_ablation=(1, 2), batch_size=4,
+                              steps=3, fake_warmup_steps=1, checkpoint_every=2, eval_prompts=160),
     )
 
 
@@ -159,6 +191,12 @@ def _paper() -> Profile:
         name="paper",
         world=WorldConfig(coco14_size=30_000, coco17_size=5_000),
         sampling=SamplingConfig(eval_samples=30_000, guidance_scale=3.0, batch_size=16),
+        distill=DistillConfig(  # the official recipe (WADI_PAPER.md §4.2), no tiny-world deviations
+            student_rank=256, baseline_rank=256, fake_rank=32, rank_ablation=(64, 128, 256, 512),
+            student_lrs=tuple((m, 1e-4) for m in ("lorad", "full", "lora", "dora", "dora_frozen_norm")),
+            batch_size=128, steps=22_200, fake_warmup_steps=0, fake_updates_per_step=1, checkpoint_every=500,
+            eval_prompts=30_000,
+        ),
         needs_gpu=True,
     )
 

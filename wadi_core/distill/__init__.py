@@ -1,5 +1,6 @@
 """One-step VSD distillation (DESIGN.md §4 "VSD", WADI_PAPER.md §4): the objective as pure functions
-(:mod:`.losses`) and the run configuration (:mod:`.config`)."""
+(:mod:`.losses`), the run configuration (:mod:`.config`), the loop (:mod:`.vsd`) and the cached tiny-world
+students (:mod:`.students`)."""
 
 from .config import MIXED_PRECISION, VSDConfig
 from .losses import (
@@ -27,3 +28,16 @@ __all__ = [
 from .vsd import VSDResult, checkpoint_path, latest_checkpoint, train_vsd  # noqa: E402
 
 __all__ += ["VSDResult", "checkpoint_path", "latest_checkpoint", "train_vsd"]
+
+from .students import (  # noqa: E402
+    STUDENT_METHODS,
+    TrainedStudent,
+    export_student,
+    load_or_train_student,
+    one_step_generate,
+    prompt_embeddings,
+    student_config,
+)
+
+__all__ += ["STUDENT_METHODS", "TrainedStudent", "export_student", "load_or_train_student", "one_step_generate",
+            "prompt_embeddings", "student_config"]

@@ -118,6 +118,7 @@ def generator_loss(
     generator: torch.Generator,
     t_range: tuple[float, float] = (0.02, 0.981),
     reduction: str = "mean",
+    normalize: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """VSD surrogate loss of the student (DESIGN.md §4, WADI_PAPER.md §4.1 step 2).
 
@@ -135,6 +136,11 @@ def generator_loss(
       ∂L/∂x0 = g_t / (B·C·H·W). The scale matters only through gradient clipping (norm 1.0 in the paper): with
       the mean the clip rarely fires; under Adam the scale is otherwise irrelevant.
     - ``"sum_pixels"`` (ours, not the paper's): sum over C·H·W, mean over the batch, so ∂L/∂x0 = g_t / B.
+
+    Normalisation (``normalize=True``, ours, not the paper's): DMD's per-sample rule (Yin et al. 2024, eq. 8)
+    replaces g_t by (x0_fake_pred − x0_real_pred) / mean_{C,H,W}|x0 − x0_real_pred|, which equals
+    g_t / (σ_t α_t · mean|x0 − x0_real_pred|): the same direction, with a weight that does not vanish at low t
+    nor explode at high t.
 
     Returns ``(loss, info)``; ``info`` holds detached tensors: ``g_abs_mean`` (scalar mean |g_t|), ``t`` (B,),
     and, for diagnostics and tests, ``noise``, ``x_t``, ``eps_real``, ``eps_fake``, ``g``.
@@ -155,6 +161,12 @@ def generator_loss(
         # 4. g_t = σ_t² (ε_real − ε_fake), σ_t² broadcast per sample; non-finite entries made finite.
         sigma2 = 1 - _per_sample(scheduler.alphas_cumprod, t, x0)  # (B, 1, 1, 1)
         g = torch.nan_to_num(sigma2 * (eps_real.to(x0.dtype) - eps_fake.to(x0.dtype)))  # (B, C, H, W)
+        if normalize:
+            # 4b. DMD weight: divide by σ_t α_t · mean|x0 − x0_real_pred| per sample.
+            alpha_bar = _per_sample(scheduler.alphas_cumprod, t, x0)  # (B, 1, 1, 1)
+            x0_real = (x_t - (1 - alpha_bar).sqrt() * eps_real.to(x0.dtype)) / alpha_bar.sqrt()
+            scale = (x0.detach() - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+            g = torch.nan_to_num(g / ((1 - alpha_bar).sqrt() * alpha_bar.sqrt() * scale.clamp_min(1e-6)))
         target = x0.detach() - g
     # 5. Surrogate: ½‖x0 − stopgrad(x0 − g)‖², gradient ∝ g.
     if reduction == "mean":

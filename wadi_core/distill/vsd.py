@@ -17,6 +17,7 @@ interrupted run resumed to the end equals the uninterrupted run bitwise.
 
 Checkpoint format (safetensors, no pickle): tensors ``student.<param>``, ``fake.<param>``,
 ``optim.student.<i>.<key>``, ``optim.fake.<i>.<key>`` (AdamW state of the i-th trainable parameter),
+``ema.<param>`` (the student's θ-EMA, when ``ema_decay`` is set),
 ``rng.torch_cpu`` and ``rng.generator`` (uint8); metadata ``format``, ``step``, ``config`` (JSON),
 ``config_hash``.
 """
@@ -59,6 +60,7 @@ class VSDResult:
 
     student: nn.Module  # one-step student (teacher + adapter, unmerged), on the training device
     fake: nn.Module  # fake score (teacher + adapter)
+    ema_student: nn.Module | None  # the student with its θ-EMA parameters (``ema_decay`` set), else None
     log: pd.DataFrame  # one row per generator step, columns LOG_COLUMNS
     steps_done: int  # generator steps completed (all runs together)
     resumed_from: int | None  # step of the checkpoint this call started from; None for a fresh run
@@ -103,9 +105,10 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
 
 
 def _save_checkpoint(path: Path, step: int, student: nn.Module, fake: nn.Module, opt_student, opt_fake,
-                     generator: torch.Generator, config: VSDConfig) -> None:
+                     generator: torch.Generator, config: VSDConfig, ema: dict[str, torch.Tensor] | None) -> None:
     tensors: dict[str, torch.Tensor] = {}
     tensors.update({f"student.{n}": p.detach() for n, p in _trainable(student).items()})
+    tensors.update({f"ema.{n}": v for n, v in (ema or {}).items()})
     tensors.update({f"fake.{n}": p.detach() for n, p in _trainable(fake).items()})
     tensors.update(_optimizer_tensors(opt_student, "optim.student"))
     tensors.update(_optimizer_tensors(opt_fake, "optim.fake"))
@@ -220,14 +223,9 @@ def train_vsd(
         RuntimeError: a non-finite loss; the message names the step, nothing is updated and the last
             checkpoint stays in ``out_dir``.
         ValueError: a checkpoint in ``out_dir`` from a different config, or bad inputs.
-        NotImplementedError: ``ema_decay`` or ``normalize_generator_grad`` set (not implemented in this loop).
     """
     from accelerate import Accelerator
 
-    if config.ema_decay is not None:
-        raise NotImplementedError("VSDConfig.ema_decay: student EMA is not implemented in train_vsd yet; use None")
-    if config.normalize_generator_grad:
-        raise NotImplementedError("VSDConfig.normalize_generator_grad: not implemented in train_vsd yet; use False")
     if prompt_embeds.ndim != 3:
         raise ValueError(f"prompt_embeds must be (N, L, D), got shape {tuple(prompt_embeds.shape)}")
     null_embed = null_embed.reshape(1, *prompt_embeds.shape[1:])
@@ -267,6 +265,9 @@ def train_vsd(
         size = (size, size) if isinstance(size, int) else tuple(size)
 
         # (9) Resume from the latest checkpoint in out_dir: parameters, optimizers, RNG states, step.
+        # θ-EMA of the student's trainable parameters (fp32, on the training device), updated after each step.
+        ema = None if config.ema_decay is None else \
+            {n: p.detach().float().clone() for n, p in _trainable(raw_student).items()}
         start, resumed_from, last_checkpoint = 0, None, latest_checkpoint(out_dir)
         if last_checkpoint is not None:
             tensors, metadata = _read_checkpoint(last_checkpoint)
@@ -275,6 +276,8 @@ def train_vsd(
             _load_params(raw_fake, tensors, "fake", last_checkpoint)
             _load_optimizer(opt_student, tensors, "optim.student")
             _load_optimizer(opt_fake, tensors, "optim.fake")
+            if ema is not None:
+                ema = {n: tensors[f"ema.{n}"].to(device) for n in ema}
             torch.set_rng_state(tensors["rng.torch_cpu"])
             generator.set_state(tensors["rng.generator"])
             start = resumed_from = int(metadata["step"])
@@ -320,13 +323,18 @@ def train_vsd(
                 x0 = one_step_x0(student, z, cond, scheduler)
                 # (5c) Generator update: ½‖x0 − sg(x0 − σ_t²(ε_real − ε_fake))‖², both scores with CFG.
                 g_loss, _ = generator_loss(x0, real, fake, cond, null, scheduler, config.guidance_scale, generator,
-                                           t_range=config.t_range, reduction=config.generator_loss_reduction)
+                                           t_range=config.t_range, reduction=config.generator_loss_reduction,
+                                           normalize=config.normalize_generator_grad)
             # (7) A non-finite loss stops before any update; the last checkpoint stays as it is.
             g_value = _check_finite(g_loss, "generator loss", where, last_checkpoint)
             accelerator.backward(g_loss)
             s_norm = accelerator.clip_grad_norm_(list(_trainable(raw_student).values()), config.grad_clip)
             opt_student.step()
             opt_student.zero_grad(set_to_none=True)
+            if ema is not None:  # (5c') θ-EMA: ema ← d·ema + (1 − d)·θ
+                with torch.no_grad():
+                    for name, param in _trainable(raw_student).items():
+                        ema[name].lerp_(param.detach().float(), 1.0 - config.ema_decay)
             opt_fake.zero_grad(set_to_none=True)  # nothing should have reached it; keep it clean anyway
             # (5d) Fake-score update(s) on stopgrad(x0), fresh t/ε each.
             for _ in range(config.fake_updates_per_step):
@@ -344,12 +352,20 @@ def train_vsd(
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     path = checkpoint_path(out_dir, step)
-                    _save_checkpoint(path, step, raw_student, raw_fake, opt_student, opt_fake, generator, config)
+                    _save_checkpoint(path, step, raw_student, raw_fake, opt_student, opt_fake, generator, config,
+                                     ema)
                     for old in out_dir.glob("checkpoint-*.safetensors"):
                         if old != path and _CHECKPOINT_RE.match(old.name):
                             old.unlink()
                     last_checkpoint = path
         bar.close()
 
+    ema_student = None
+    if ema is not None:
+        ema_student = copy.deepcopy(raw_student).eval()
+        with torch.no_grad():
+            for name, param in _trainable(ema_student).items():
+                param.copy_(ema[name])
     log = pd.read_csv(log_path) if log_path.exists() else pd.DataFrame(columns=LOG_COLUMNS)
-    return VSDResult(student=raw_student, fake=raw_fake, log=log, steps_done=step, resumed_from=resumed_from)
+    return VSDResult(student=raw_student, fake=raw_fake, ema_student=ema_student, log=log, steps_done=step,
+                     resumed_from=resumed_from)

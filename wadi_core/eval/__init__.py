@@ -1,6 +1,28 @@
-"""Evaluation as a few flat functions (clean-fid's style): FID, CLIP score, attribute accuracy."""
+"""Evaluation as a few flat functions (clean-fid's style): FID, precision/recall, CLIP score, attribute
+accuracy, the COCO protocols and resumable sample generation."""
 
 from .attributes import PromptSpec, attribute_accuracy, attribute_table, parse_prompt, read_objects
-from .clip_score import clip_score
+from .clip_score import PaperClipScorer, clip_score, clip_score_paper, paper_clip_scorer
+from .coco import (
+    CocoCaption,
+    center_crop_resize,
+    center_crop_resize_folder,
+    coco2014_30k,
+    coco2014_30k_captions,
+    coco2017_5k,
+    write_eval_manifest,
+)
 from .features import ShapesFeatureNet, load_or_train_feature_net, train_feature_net
-from .fid import feature_extractor, fid, image_folder, reference_folder, save_images
+from .fid import (
+    ReferenceStats,
+    feature_extractor,
+    fid,
+    file_sha256,
+    folder_features,
+    image_folder,
+    reference_folder,
+    reference_stats,
+    save_images,
+)
+from .manifold import precision_recall
+from .samples import generate_to_folder, per_image_noise
