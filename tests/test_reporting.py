@@ -30,7 +30,7 @@ def _table() -> pd.DataFrame:
 
 def test_every_method_has_a_colour_and_a_label():
     assert set(reporting.METHOD_COLORS) == set(reporting.METHOD_LABELS)
-    assert {"teacher", "ft", "lora", "dora", "dora_frozen_norm", "lorad"} <= set(reporting.METHOD_COLORS)
+    assert {"teacher", "full", "lora", "dora", "dora_frozen_norm", "lorad"} <= set(reporting.METHOD_COLORS)
     assert len(set(reporting.METHOD_COLORS.values())) == len(reporting.METHOD_COLORS)
 
 

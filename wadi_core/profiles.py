@@ -139,6 +139,9 @@ class DistillConfig:
     normalize_generator_grad: bool = False  # paper: False (DMD's per-sample normalisation)
     ema_decay: float | None = None  # paper: None
     checkpoint_every: int = 100
+    # The deviation study: each deviation switched on/off alone, in shorter runs.
+    deviation_steps: int = 300
+    deviation_ema_decay: float = 0.99  # the paper's optional 0.999 barely moves in a few hundred steps
     eval_prompts: int = 512  # coco14-like prompts for the students' accuracy / FID
     seed: int = 6
 
@@ -180,7 +183,8 @@ def _smoke() -> Profile:
         ),
         adapters=AdapterStudyConfig(ranks=(1, 2), fit_steps=3, bench_quick=True, bench_repeats=1),
         distill=DistillConfig(student_rank=2, baseline_rank=2, fake_rank=1, rank_ablation=(1, 2), batch_size=4,
-                              steps=3, fake_warmup_steps=1, checkpoint_every=2, eval_prompts=160),
+                              steps=3, fake_warmup_steps=1, checkpoint_every=2, deviation_steps=2,
+                              eval_prompts=160),
     )
 
 

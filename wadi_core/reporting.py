@@ -23,7 +23,7 @@ from wadi_core.artifacts import atomic_path, results_dir
 # One colour per method in every figure (Okabe-Ito, colour-blind safe); WaDi's LoRaD gets the strongest hue.
 METHOD_COLORS: dict[str, str] = {
     "teacher": "#000000",
-    "ft": "#E69F00",  # full fine-tune (SwiftBrush)
+    "full": "#E69F00",  # full fine-tune (SwiftBrush)
     "lora": "#56B4E9",
     "dora": "#009E73",
     "dora_frozen_norm": "#CC79A7",  # DoRA with its magnitude vector frozen
@@ -31,7 +31,7 @@ METHOD_COLORS: dict[str, str] = {
 }
 METHOD_LABELS: dict[str, str] = {
     "teacher": "Teacher (multi-step)",
-    "ft": "Full FT (SwiftBrush)",
+    "full": "Full FT (SwiftBrush)",
     "lora": "LoRA",
     "dora": "DoRA",
     "dora_frozen_norm": "DoRA (frozen norm)",

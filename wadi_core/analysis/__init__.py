@@ -7,6 +7,8 @@
 """
 
 from .weights import (
+    PAPER_PAIRS,
+    load_denoiser_state,
     CHANGE_COLUMNS,
     ENERGY_COLUMNS,
     SWAP_TAKES,
@@ -24,6 +26,8 @@ from .weights import (
 )
 
 __all__ = [
+    "PAPER_PAIRS",
+    "load_denoiser_state",
     "CHANGE_COLUMNS",
     "ENERGY_COLUMNS",
     "SWAP_TAKES",

@@ -79,6 +79,19 @@ def student_config(distill: DistillConfig, method: str, rank: int | None = None,
     return VSDConfig(**{**fields, **overrides})
 
 
+def deviation_study(distill: DistillConfig) -> dict[str, dict]:
+    """WaDi-student recipe overrides that switch one deviation from the official loop at a time, all at
+    ``deviation_steps`` generator steps (notebook 03): the tiny recipe itself, the official loop (no fake
+    warm-up, one fake update per generator step), DMD's gradient normalisation, and a student θ-EMA."""
+    steps = distill.deviation_steps
+    return {
+        "tiny recipe": dict(steps=steps),
+        "official loop (no warm-up, 1:1)": dict(steps=steps, fake_warmup_steps=0, fake_updates_per_step=1),
+        "+ DMD gradient normalisation": dict(steps=steps, normalize_generator_grad=not distill.normalize_generator_grad),
+        f"+ student EMA {distill.deviation_ema_decay}": dict(steps=steps, ema_decay=distill.deviation_ema_decay),
+    }
+
+
 def prompt_embeddings(backbone, prompts: list[str], batch_size: int = 512) -> torch.Tensor:
     """(N, L, D) frozen text states of ``prompts``: VSD is image-free and trains on these only (WADI_PAPER.md
     §4.2). Cached as ``<cache>/embeddings/<hash>.safetensors`` keyed by the prompts and the text encoder."""
