@@ -22,9 +22,6 @@ from ..adapters.official_hook import OfficialHookLoRaD
 from .config import VSDConfig
 from .losses import fake_score_loss, generator_loss, one_step_x0
 
-STUDENT_IMPLEMENTATIONS = ("lorad", "official_hook")
-
-
 def official_hook_student(teacher: nn.Module, rank: int) -> nn.Module:
     """A teacher copy whose student-rule Linears carry the official ``theta_a``/``theta_b`` + forward hook
     (:class:`~wadi_core.adapters.official_hook.OfficialHookLoRaD`); every other parameter frozen."""
@@ -58,23 +55,25 @@ def vsd_step_cost(
     prompt_embeds: torch.Tensor,
     null_embed: torch.Tensor,
     config: VSDConfig,
-    implementation: str = "lorad",
+    official_hook: bool = False,
     repeats: int = 5,
+    warmup: int = 2,
     seed: int = 0,
 ) -> dict[str, float]:
     """Median wall time of one WaDi generator step (student one-step forward, real/fake CFG scores, student
     backward + AdamW, ``fake_updates_per_step`` fake-score updates) and of the student's forward+backward alone,
-    plus the student forward's saved-for-backward MiB. ``implementation``: ``"lorad"`` (ours) or
-    ``"official_hook"``. The first of ``repeats + 1`` steps is a warm-up and is not counted."""
-    if implementation not in STUDENT_IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {STUDENT_IMPLEMENTATIONS}, got {implementation!r}")
+    plus the student forward's saved-for-backward MiB. The student is ``config.student_method`` at
+    ``config.student_rank`` (any adapter, or ``"full"``); ``official_hook=True`` builds a LoRaD student the
+    official way instead. ``warmup`` untimed steps come first (allocator and kernel caches)."""
+    if official_hook and config.student_method != "lorad":
+        raise ValueError(f"official_hook=True needs student_method 'lorad', got {config.student_method!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if implementation == "lorad":
-            student = copy.deepcopy(teacher)
-            inject(student, "lorad", config.student_rank, "student")
-        else:
+        if official_hook:
             student = official_hook_student(teacher, config.student_rank)
+        else:
+            student = copy.deepcopy(teacher)
+            inject(student, config.student_method, config.student_rank, "student")
         fake = copy.deepcopy(teacher)
         inject(fake, config.fake_method, config.fake_rank, "fake")
     real = teacher.requires_grad_(False).eval()
@@ -90,7 +89,7 @@ def vsd_step_cost(
         return prompt_embeds[index], torch.randn(config.batch_size, channels, size, size, generator=generator)
 
     step_s, student_s = [], []
-    for repeat in range(repeats + 1):
+    for repeat in range(warmup + repeats):
         cond, z = batch()
         began = time.perf_counter()
         x0 = one_step_x0(student, z, cond, scheduler)
@@ -109,7 +108,7 @@ def vsd_step_cost(
         one_step_x0(student, z, cond, scheduler).sum().backward()
         student_elapsed = time.perf_counter() - began
         opt_student.zero_grad(set_to_none=True)
-        if repeat:
+        if repeat >= warmup:
             step_s.append(elapsed)
             student_s.append(student_elapsed)
     cond, z = batch()
