@@ -1,5 +1,7 @@
 """Cached artifacts: hashes name configs, atomic writes, loud failures on corrupt or mismatched files."""
 
+import time
+
 import pytest
 import torch
 
@@ -78,3 +80,15 @@ def test_fresh_run_retrains_once_then_reuses(data_dir, monkeypatch):
     assert artifacts.cached("thing", config) is None
     artifacts.save_checkpoint(path, {"w": torch.ones(1)}, config)  # retrained by this run
     assert artifacts.cached("thing", config) == path
+
+
+def test_fresh_run_reuses_what_another_process_of_the_run_wrote(data_dir, monkeypatch):
+    config = {"c": 1}
+    path = artifacts.artifact_path("thing", config)
+    monkeypatch.setenv("WADI_FRESH", "1")
+    monkeypatch.setenv("WADI_FRESH_SINCE", repr(time.time() - 60))  # the run started a minute ago
+    artifacts.save_checkpoint(path, {"w": torch.zeros(1)}, config)
+    artifacts._WRITTEN_THIS_PROCESS.discard(path.resolve())  # as if an earlier notebook's kernel wrote it
+    assert artifacts.cached("thing", config) == path
+    monkeypatch.setenv("WADI_FRESH_SINCE", repr(time.time() + 60))  # a run that started after the file
+    assert artifacts.cached("thing", config) is None

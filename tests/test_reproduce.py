@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import nbformat
@@ -66,6 +67,7 @@ def test_block_network_environment_prepends_guard(monkeypatch):
     env = reproduce.kernel_environment(data_dir=Path("rel"), results=None, fresh=True, block_network=True)
     assert env["PYTHONPATH"].split(os.pathsep) == [str(reproduce.GUARD_DIR), "/elsewhere"]
     assert env["WADI_FRESH"] == "1" and env["HF_HUB_OFFLINE"] == "1"
+    assert float(env["WADI_FRESH_SINCE"]) <= time.time()
     assert Path(env["WADI_DATA_DIR"]).is_absolute()
 
 

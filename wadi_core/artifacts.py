@@ -8,7 +8,9 @@ is detected on load. Nothing in ``data/`` is ever unpickled.
 Environment switches (set by ``make``/``python -m wadi_core.reproduce``):
 
 - ``WADI_DATA_DIR``: where artifacts are read and written (default: the repository's ``data/``);
-- ``WADI_FRESH=1``: ignore cached artifacts and retrain (``FRESH=1 make reproduce``);
+- ``WADI_FRESH=1``: ignore cached artifacts and retrain (``FRESH=1 make reproduce``); with
+  ``WADI_FRESH_SINCE=<unix time>`` (set once per ``reproduce --fresh`` run) an artifact written after that time
+  counts as retrained by this run, so later notebooks of the same run reuse it instead of retraining it again;
 - ``WADI_RESULTS_DIR``: where figures, tables and the manifest go (default: the repository's ``results/``);
 - ``WADI_NO_TRAIN=1``: a missing artifact raises instead of being trained (nbval in ``make test``, so CI
   never retrains silently).
@@ -140,11 +142,19 @@ def load_checkpoint(path: Path, config: Any) -> tuple[dict[str, torch.Tensor], d
     return tensors, meta
 
 
+def _written_this_run(path: Path) -> bool:
+    """Written by this process, or (``WADI_FRESH_SINCE`` set) by any process of this run since that time."""
+    if path.resolve() in _WRITTEN_THIS_PROCESS:
+        return True
+    since = os.environ.get("WADI_FRESH_SINCE")
+    return bool(since) and path.stat().st_mtime >= float(since)
+
+
 def cached(kind: str, config: Any) -> Path | None:
     """Path of a usable cached artifact, or None when it is absent or older than this run under
     ``WADI_FRESH=1`` (a fresh run retrains each artifact once, then reuses what it trained)."""
     path = artifact_path(kind, config)
-    if not path.exists() or (fresh_requested() and path.resolve() not in _WRITTEN_THIS_PROCESS):
+    if not path.exists() or (fresh_requested() and not _written_this_run(path)):
         return None
     return path
 

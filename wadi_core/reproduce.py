@@ -103,8 +103,9 @@ def kernel_environment(
         value = given or os.environ.get(name)
         if value:
             env[name] = str(Path(value).resolve())
-    if fresh:
+    if fresh:  # every notebook of this run reuses what an earlier one retrained (artifacts.cached)
         env["WADI_FRESH"] = "1"
+        env["WADI_FRESH_SINCE"] = os.environ.get("WADI_FRESH_SINCE") or repr(time.time())
     if block_network:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(GUARD_DIR), os.environ.get("PYTHONPATH")) if p)
         env.update(OFFLINE_SWITCHES)
