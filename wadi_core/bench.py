@@ -79,7 +79,7 @@ def _storage_key(tensor: Tensor) -> int:
 
 
 @contextmanager
-def _count_saved_bytes(excluded: list[Tensor]) -> Iterator[dict[int, int]]:
+def count_saved_bytes(excluded: list[Tensor]) -> Iterator[dict[int, int]]:
     """Record ``{storage pointer: bytes}`` of every tensor autograd saves inside the block, minus ``excluded``."""
     skip = {_storage_key(t) for t in excluded}
     saved: dict[int, int] = {}
@@ -106,7 +106,7 @@ def _forward_backward_s(layer: nn.Module, x: Tensor, grad_out: Tensor) -> float:
 def _saved_bytes(layer: nn.Module, x: Tensor, grad_out: Tensor) -> int:
     """Bytes autograd keeps for backward in one forward, without x and the layer's parameters and buffers."""
     excluded = [x, *layer.parameters(), *layer.buffers()]
-    with _count_saved_bytes(excluded) as saved:
+    with count_saved_bytes(excluded) as saved:
         y = layer(x)
     y.backward(grad_out)  # frees the graph
     return sum(saved.values())

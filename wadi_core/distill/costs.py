@@ -19,6 +19,7 @@ from torch import nn
 
 from ..adapters import inject, select_layers
 from ..adapters.official_hook import OfficialHookLoRaD
+from ..bench import count_saved_bytes
 from .config import VSDConfig
 from .losses import fake_score_loss, generator_loss, one_step_x0
 
@@ -34,16 +35,8 @@ def official_hook_student(teacher: nn.Module, rank: int) -> nn.Module:
 
 
 def _saved_bytes_of(fn, excluded: list[torch.Tensor]) -> int:
-    skip = {t.untyped_storage().data_ptr() for t in excluded}
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        key = tensor.untyped_storage().data_ptr()
-        if key not in skip:
-            saved[key] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    """Bytes autograd keeps for backward while ``fn()`` runs (``excluded`` storages not counted)."""
+    with count_saved_bytes(excluded) as saved:
         out = fn()
     out.sum().backward()
     return sum(saved.values())

@@ -36,6 +36,7 @@ from ..artifacts import (
     cache_dir,
     cached,
     load_checkpoint,
+    log_tensors,
     save_checkpoint,
     split_log,
     training_allowed,
@@ -202,7 +203,7 @@ def load_or_train_student(
                        progress=progress)
     student = (result.ema_student or result.student).eval()
     tensors = {n: p.detach() for n, p in student.named_parameters() if p.requires_grad}
-    tensors.update({f"log.{c}": torch.tensor(result.log[c].to_numpy(), dtype=torch.float64) for c in LOG_COLUMNS})
+    tensors.update(log_tensors({c: result.log[c].tolist() for c in LOG_COLUMNS}))
     save_checkpoint(path, tensors, key, method=method)
     return TrainedStudent(student, config, result.log, trained=True, path=path)
 
