@@ -6,6 +6,7 @@
 #   PROFILE=smoke make reproduce   another profile: smoke | tiny | paper
 #   make test                      unit tests, smoke run of every notebook, nbval of the committed notebooks
 #   make bench                     per-layer cost of LoRaD vs the official hook, LoRA, DoRA (results/tables/lorad_bench.*)
+#   make bench-kernels             fused Triton LoRaD vs the GEMM floor (results/tables/kernel_bench_<device>.csv)
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -27,7 +28,7 @@ REPRODUCE_FLAGS := --profile $(PROFILE) $(if $(ONLY),--only $(ONLY)) $(if $(filt
 # The numbered notebooks (executed copies of failed runs excluded); nbval checks them as committed.
 NOTEBOOKS := $(sort $(filter-out %.failed.ipynb,$(wildcard notebooks/[0-9][0-9]_*.ipynb)))
 
-.PHONY: venv reproduce test test-unit test-smoke test-nbval bench clean
+.PHONY: venv reproduce test test-unit test-smoke test-nbval bench bench-kernels clean
 
 venv: $(STAMP)
 
@@ -83,6 +84,11 @@ endif
 # Forward+backward time and saved-for-backward bytes per adapted Linear at SD1.5 shapes (issue 3); a few minutes.
 bench: venv
 	$(PY) -m wadi_core.bench lorad
+
+# Fused Triton LoRaD vs reference, official hook, plain Linears and the GEMM floor at SD1.5 shapes (issue 6):
+# fp16/bf16 on a CUDA GPU, fp32 on CPU (no Triton rows there); results/tables/kernel_bench_<device>.csv.
+bench-kernels: venv
+	$(PY) -m wadi_core.kernels.bench --out results/tables --iters 10 --warmup 2 --budget-s 3600
 
 # Python and notebook caches and build leftovers; keeps .venv, data/ and results/.
 clean:

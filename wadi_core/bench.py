@@ -240,7 +240,8 @@ def summarise_lorad_benchmark(df: pd.DataFrame) -> pd.DataFrame:
     return summary.set_index(["shape", "kind"])
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         for line in cpuinfo.read_text().splitlines():
@@ -251,7 +252,7 @@ def _cpu_model() -> str:
 
 def environment_header() -> str:
     """torch version, thread count and CPU model: what the timings depend on."""
-    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {_cpu_model()}"
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_model()}"
 
 
 def build_parser() -> argparse.ArgumentParser:
