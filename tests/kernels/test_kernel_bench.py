@@ -6,6 +6,8 @@ Times are never asserted; shapes are the ragged quick ones (seconds in Triton's 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -104,3 +106,11 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown dtypes"):
         bench.run_kernel_benchmark("cpu", ("fp64",), QUICK, (RANK,), progress=False)
     assert bench.main(["--device", "cpu", "--shapes", "not_a_shape"]) == 2
+
+
+def test_benchmark_imports_neither_diffusers_nor_transformers():
+    """The GPU machines the benchmark is meant for carry torch and triton, not the diffusion stack."""
+    code = ("import sys; import wadi_core.kernels.bench; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in {'diffusers', 'transformers', 'accelerate'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
