@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -69,6 +70,8 @@ FIELDS = ["device", "device_name", "torch", "triton", "dtype", "shape", "tokens"
 FLOOR_TARGET = 1.2  # fwd+bwd ≤ 1.2× the GEMM floor
 HOOK_SPEEDUP_TARGET = 2.0  # ≥ 2× faster than the official hook
 
+# Method families of :func:`best_triton_tiles` (every Triton tile config is family "triton").
+FAMILIES = ["floor", "triton", "reference", "reference_compiled", "official_hook", "frozen_linear", "full_ft_linear"]
 SUMMARY_COLUMNS = ["floor_ms", "triton_ms", "triton_tiles", "reference_ms", "reference_compiled_ms", "official_hook_ms",
                    "frozen_linear_ms", "full_ft_linear_ms", "triton_vs_floor", "speedup_vs_hook",
                    "speedup_vs_reference", "triton_saved_mib", "hook_saved_mib", "triton_max_rel_err",
@@ -233,15 +236,13 @@ AGREEMENT_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
 
 
 def reference_agreement(cases: dict = AGREEMENT_CASES, dtypes: tuple[str, ...] = ("fp32", "fp16"),
-                        device: torch.device | str = "cpu", angle_std: float = 0.7, seed: int = 0):
+                        device: torch.device | str = "cpu", angle_std: float = 0.7, seed: int = 0) -> pd.DataFrame:
     """Triton's y, dx, dA, dB, db against :class:`~wadi_core.adapters.LoRaDFunction`, per case, dtype and bias.
 
     A and B are drawn with std ``angle_std`` so that Θ = A·B reaches beyond ±π (the wrap is exercised). On CPU this
     needs ``TRITON_INTERPRET=1`` set before triton is imported. Returns a DataFrame: case, dtype, bias, one relative
     error column per output (max |Triton − reference| / max |reference|), tolerance, holds.
     """
-    import pandas as pd
-
     from .lorad_triton import TritonLoRaDFunction
 
     device = torch.device(device)
@@ -276,14 +277,12 @@ def reference_agreement(cases: dict = AGREEMENT_CASES, dtypes: tuple[str, ...] =
 
 
 def saved_bytes_by_rank(tokens: int, out_f: int, in_f: int, ranks: tuple[int, ...],
-                        device: torch.device | str = "cpu"):
+                        device: torch.device | str = "cpu") -> pd.DataFrame:
     """Bytes each LoRaD implementation keeps for backward beyond x and W, per rank, beside 4·r·(out + in/2).
 
     Triton runs only where :func:`wadi_core.kernels.select_backend` allows it (CUDA, or the interpreter on CPU).
     Returns a DataFrame: rank, method (triton, reference, official_hook), saved_bytes, factor_bytes (A and B in fp32).
     """
-    import pandas as pd
-
     from .lorad_triton import TritonLoRaDFunction
 
     rows = []
@@ -410,17 +409,15 @@ def write_rows(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def load_kernel_benchmarks(folder: Path | str, include_quick: bool = False):
+def load_kernel_benchmarks(folder: Path | str, include_quick: bool = False) -> pd.DataFrame:
     """Every ``kernel_bench_<device>.csv`` in ``folder`` as one DataFrame (empty, with :data:`FIELDS`, if none)."""
-    import pandas as pd
-
     paths = sorted(p for p in Path(folder).glob("kernel_bench_*.csv") if include_quick or "_quick" not in p.stem)
     if not paths:
         return pd.DataFrame(columns=FIELDS)
     return pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
 
 
-def best_triton_tiles(df):
+def best_triton_tiles(df: pd.DataFrame) -> pd.DataFrame:
     """The measured rows (``status == "ok"``) with a ``family`` column; of the Triton tile configs only the fastest
     per (device, dtype, shape, rank) is kept, its family ``triton`` (every other family is its method)."""
     df = df.reindex(columns=FIELDS)  # rows straight from run_kernel_benchmark may lack optional columns
@@ -430,7 +427,7 @@ def best_triton_tiles(df):
     return ok.sort_values("fwd_bwd_ms").groupby(key, sort=False).head(1).sort_index()
 
 
-def summarise_kernel_benchmark(df):
+def summarise_kernel_benchmark(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (device, dtype, shape, rank): the best Triton tile config against the floor and the others.
 
     Returns columns floor_ms, triton_ms, triton_tiles, reference_ms, reference_compiled_ms, official_hook_ms,
@@ -438,22 +435,20 @@ def summarise_kernel_benchmark(df):
     hook_saved_mib, triton_max_rel_err, and issue 6's targets floor_target_met / hook_target_met (NaN where no
     Triton row was measured, e.g. on CPU).
     """
-    import pandas as pd
-
     key = ["device", "dtype", "shape", "rank"]
     best = best_triton_tiles(df)
-    ms = best.pivot_table(index=key, columns="family", values="fwd_bwd_ms", sort=False)
-    saved = best.pivot_table(index=key, columns="family", values="saved_for_backward_mib", sort=False)
-    summary = ms.rename(columns=lambda c: f"{c}_ms").rename_axis(columns=None)
+    summary = (best.pivot_table(index=key, columns="family", values="fwd_bwd_ms", sort=False)
+               .reindex(columns=FAMILIES)  # a family without rows (Triton on CPU) gets a NaN column
+               .rename(columns=lambda c: f"{c}_ms").rename_axis(columns=None))
     triton = best[best["family"] == "triton"].set_index(key)
+    hook = best[best["family"] == "official_hook"].set_index(key)
     summary["triton_tiles"] = triton["method"].str.removeprefix("triton_")
     summary["triton_max_rel_err"] = triton["max_rel_err_vs_reference"]
-    summary["triton_ms"] = triton["fwd_bwd_ms"]
     summary["triton_vs_floor"] = summary["triton_ms"] / summary["floor_ms"]
     summary["speedup_vs_hook"] = summary["official_hook_ms"] / summary["triton_ms"]
     summary["speedup_vs_reference"] = summary["reference_ms"] / summary["triton_ms"]
     summary["triton_saved_mib"] = triton["saved_for_backward_mib"]
-    summary["hook_saved_mib"] = saved.get("official_hook")
+    summary["hook_saved_mib"] = hook["saved_for_backward_mib"]
     measured = summary["triton_ms"].notna()
     summary["floor_target_met"] = (summary["triton_vs_floor"] <= FLOOR_TARGET).where(measured)
     summary["hook_target_met"] = (summary["speedup_vs_hook"] >= HOOK_SPEEDUP_TARGET).where(measured)
@@ -480,8 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the summary, write ``<out>/kernel_bench_<device>[_quick].csv``."""
     args = build_parser().parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda, but no CUDA GPU is visible", file=sys.stderr)
         return 2
@@ -500,9 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_kernel_benchmark(device, dtypes, shapes, ranks, iters, warmup, args.budget_s,
                                 compile_reference=not args.no_compile)
     path = write_rows(rows, args.out / f"kernel_bench_{device_slug(device)}{'_quick' if args.quick else ''}.csv")
-    import pandas as pd
-
-    summary = summarise_kernel_benchmark(pd.read_csv(path))
+    summary = summarise_kernel_benchmark(pd.DataFrame(rows))
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(summary.round(3).to_string(index=False))
     print(f"wrote {path} ({len(rows)} rows)")
