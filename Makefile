@@ -4,7 +4,8 @@
 #   ONLY=00 make reproduce         only notebook 00 (comma-separated ids: ONLY=00,03)
 #   FRESH=1 make reproduce         ignore cached artifacts in data/ and retrain
 #   PROFILE=smoke make reproduce   another profile: smoke | tiny | paper
-#   make test                      unit tests, smoke run of every notebook, nbval of the committed notebooks
+#   make lint                      ruff over wadi_core, tests and notebooks (part of make test)
+#   make test                      lint, unit tests, smoke run of every notebook, nbval of the committed notebooks
 #   make bench                     per-layer cost of LoRaD vs the official hook, LoRA, DoRA (results/tables/lorad_bench.*)
 #   make bench-kernels             fused Triton LoRaD vs the GEMM floor (results/tables/kernel_bench_<device>.csv)
 
@@ -28,7 +29,7 @@ REPRODUCE_FLAGS := --profile $(PROFILE) $(if $(ONLY),--only $(ONLY)) $(if $(filt
 # The numbered notebooks (executed copies of failed runs excluded); nbval checks them as committed.
 NOTEBOOKS := $(sort $(filter-out %.failed.ipynb,$(wildcard notebooks/[0-9][0-9]_*.ipynb)))
 
-.PHONY: venv reproduce test test-unit test-smoke test-nbval bench bench-kernels clean
+.PHONY: venv reproduce lint test test-unit test-smoke test-nbval bench bench-kernels clean
 
 venv: $(STAMP)
 
@@ -45,7 +46,12 @@ $(STAMP): requirements.txt pyproject.toml
 reproduce: venv
 	$(PY) -m wadi_core.reproduce $(REPRODUCE_FLAGS)
 
-test: test-unit test-smoke test-nbval
+test: lint test-unit test-smoke test-nbval
+
+# ruff (pinned in requirements.txt; settings in pyproject.toml) over the library, the tests and the notebooks.
+lint: venv
+	@echo "=== lint: ruff check wadi_core tests notebooks ==="
+	$(PY) -m ruff check wadi_core tests notebooks
 
 test-unit: venv
 	@echo "=== test 1/3: unit tests (pytest tests) ==="
