@@ -2,14 +2,17 @@
 
 A notebook's imports cell calls :func:`set_theme` once; figures go to ``results/figures/<name>.{png,pdf}`` via
 :func:`save_figure` and tables to ``results/tables/<name>.{csv,md,tex}`` via :func:`save_table` (the results
-directory is ``WADI_RESULTS_DIR`` when set, see :func:`wadi_core.artifacts.results_dir`). Every file is written
-to a temporary name and renamed, so an interrupted save never leaves half a file behind.
+directory is ``WADI_RESULTS_DIR`` when set, see :func:`wadi_core.artifacts.results_dir`); every name starts with
+the notebook's number (``NN_name``). Every file is written to a temporary name and renamed, so an interrupted save
+never leaves half a file behind. Each notebook ends with :func:`claims_table`: paper value, measured value, holds?
 """
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
+from typing import Iterable, NamedTuple
 
 import matplotlib as mpl
 import matplotlib.pyplot as plt
@@ -169,3 +172,35 @@ def _as_nchw_array(images) -> np.ndarray:
     if array.shape[1] == 1:
         array = array.repeat(3, axis=1)
     return array.clip(0.0, 1.0)
+
+
+class Claim(NamedTuple):
+    """One row of a notebook's claims cell: what the paper says, what this run measured, and whether it holds.
+
+    ``holds`` is None where the claim cannot be measured in this run (e.g. a GPU timing on a CPU).
+    """
+
+    claim: str
+    paper: str
+    measured: str
+    holds: bool | None
+
+
+def claims_table(claims: Iterable[Claim | tuple], notebook: str, caption: str | None = None) -> pd.DataFrame:
+    """The claims table of notebook ``notebook`` (``"00"`` ... ``"06"``), indexed by claim with the columns
+    ``paper``, ``measured`` and ``holds``, saved as ``results/tables/<notebook>_claims.{csv,md,tex}``."""
+    if not re.fullmatch(r"\d\d", notebook):
+        raise ValueError(f"notebook must be a two-digit notebook number such as '03', got {notebook!r}")
+    rows = [Claim(*claim) for claim in claims]
+    if not rows:
+        raise ValueError("a claims table needs at least one claim")
+    for row in rows:
+        if row.holds is not None and not isinstance(row.holds, (bool, np.bool_)):
+            raise TypeError(f"'holds' must be a bool or None, got {row.holds!r} for claim {row.claim!r}")
+    table = pd.DataFrame(
+        [{**row._asdict(), "holds": None if row.holds is None else bool(row.holds)} for row in rows]
+    ).set_index("claim")
+    if table.index.duplicated().any():
+        raise ValueError(f"duplicate claims: {sorted(set(table.index[table.index.duplicated()]))}")
+    save_table(table, f"{notebook}_claims", caption=caption or f"Notebook {notebook} claims: paper vs this run")
+    return table
