@@ -111,3 +111,26 @@ def test_image_grid_figure_tiles_with_labels():
         reporting.image_grid_figure(images, nrow=2, col_labels=["a"])
     with pytest.raises(ValueError, match="shape"):
         reporting.image_grid_figure(np.zeros((2, 32, 32)), nrow=1)
+
+
+def test_claims_table_saves_nn_claims_with_paper_measured_holds(results):
+    claims = reporting.claims_table([
+        reporting.Claim("LoRaD beats LoRA", "20.86 vs 25.27", "60.0 vs 76.1", np.bool_(True)),
+        ("GPU kernel speed", "≥ 2×", "not measured on a CPU", None),
+    ], "03")
+    assert list(claims.columns) == ["paper", "measured", "holds"] and claims.index.name == "claim"
+    assert claims["holds"].tolist() == [True, None]
+    saved = pd.read_csv(results / "tables" / "03_claims.csv", index_col=0)
+    assert saved.loc["LoRaD beats LoRA", "measured"] == "60.0 vs 76.1"
+    assert (results / "tables" / "03_claims.md").read_text().startswith("| claim")
+
+
+def test_claims_table_rejects_bad_input(results):
+    with pytest.raises(ValueError, match="two-digit notebook number"):
+        reporting.claims_table([("a", "b", "c", True)], "3")
+    with pytest.raises(TypeError, match="'holds' must be a bool or None"):
+        reporting.claims_table([("a", "b", "c", "yes")], "03")
+    with pytest.raises(ValueError, match="duplicate claims"):
+        reporting.claims_table([("a", "b", "c", True), ("a", "b", "d", False)], "03")
+    with pytest.raises(ValueError, match="at least one claim"):
+        reporting.claims_table([], "03")

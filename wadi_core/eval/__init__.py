@@ -1,5 +1,5 @@
 """Evaluation as a few flat functions (clean-fid's style): FID, precision/recall, CLIP score, attribute
-accuracy, the COCO protocols and resumable sample generation."""
+accuracy, all of them at once (:func:`score_images`), the COCO protocols and resumable sample generation."""
 
 from .attributes import PromptSpec, attribute_accuracy, attribute_table, parse_prompt, read_objects
 from .clip_score import PaperClipScorer, clip_score, clip_score_paper, paper_clip_scorer
@@ -26,3 +26,4 @@ from .fid import (
 )
 from .manifold import precision_recall
 from .samples import generate_to_folder, per_image_noise
+from .scoring import score_images
