@@ -75,7 +75,8 @@ else
 endif
 
 # Re-executes the committed notebooks with their committed parameters; WADI_NO_TRAIN=1 makes a missing
-# bundled artifact an error instead of a silent retrain, and results go to a throw-away directory.
+# bundled artifact an error instead of a silent retrain, and results go to a throw-away directory. The metric
+# tests then hold the tables those runs wrote to the stored tiny-profile values (as Recommenders' notebook tests do).
 test-nbval: venv
 	@echo "=== test 3/3: nbval re-execution of the committed notebooks ==="
 ifeq ($(NOTEBOOKS),)
@@ -84,7 +85,8 @@ else
 	@start=$$(date +%s); results_dir=$$(mktemp -d); trap 'rm -rf "$$results_dir"' EXIT; \
 	WADI_NO_TRAIN=1 WADI_RESULTS_DIR="$$results_dir" \
 		$(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider $(NOTEBOOKS); \
-	echo "=== nbval passed in $$(( $$(date +%s) - start )) s ==="
+	echo "=== nbval passed in $$(( $$(date +%s) - start )) s; metric tests on the tables it wrote ==="; \
+	WADI_METRICS_RESULTS_DIR="$$results_dir" $(PY) -m pytest tests/test_notebook_metrics.py -q
 endif
 
 # Forward+backward time and saved-for-backward bytes per adapted Linear at SD1.5 shapes (issue 3); a few minutes.
