@@ -1,4 +1,5 @@
-"""Table 1's trainable-parameter column and the rank ablation, from the meta-device configs (WADI_PAPER.md §3.3).
+"""Table 1's trainable-parameter column and the rank ablation, from the meta-device configs
+(``docs/paper_notes.md#ranks-and-parameter-counts``).
 
 LoRaD adds r·(out + in/2) per adapted Linear; nothing is allocated (the ``meta`` device), so these are exact.
 """
@@ -13,7 +14,7 @@ EXPECTED = {
     ("sd15", "student", 256, ()): (182, 83_795_968),  # Table 1: 83.80M
     ("sd21-base", "student", 256, ()): (214, 94_429_184),  # Table 1: 94.43M
     ("sd15", "fake", 32, ()): (160, 9_378_816),
-    ("sd15", "student", 64, ()): (182, 20_948_992),  # rank ablation (§6.3)
+    ("sd15", "student", 64, ()): (182, 20_948_992),  # the student-rank ablation
     ("sd15", "student", 128, ()): (182, 41_897_984),
     ("sd15", "student", 512, ()): (182, 167_591_936),
     # PixArt-α: the student rule (every Linear) gives 82.56M; the paper's 81.22M is reproduced exactly when the

@@ -1,4 +1,4 @@
-"""Adapters (WADI_PAPER.md §3, DESIGN.md §4): LoRaD's rotation and its custom autograd Function, the LoRA / DoRA
+"""Adapters (WaDi §3.2, ``train_dkd_sd.py``): LoRaD's rotation and its custom autograd Function, the LoRA / DoRA
 baselines, and the model-level inject / merge / unmerge / remove / save / load on a toy-size diffusers U-Net."""
 
 import math

@@ -1,8 +1,8 @@
-"""The fused Triton LoRaD Linear (issue 6) against the reference ``LoRaDFunction``, on CPU in Triton's interpreter.
+"""The fused Triton LoRaD Linear against the reference ``LoRaDFunction``, on CPU in Triton's interpreter.
 
 Tolerances (max |error| / max |reference|): fp32 1e-4, fp16 1e-2 (the reference rounds W' and dyᵀ·x to fp16,
 the kernels keep them in fp32). bf16 runs only on a GPU (the interpreter's bf16 is broken), see
-``python -m wadi_core.kernels.bench``. Shapes are tiny: the interpreter runs a 256³ matmul in about a second.
+``python -m wadi_core.benchmarks kernels``. Shapes are tiny: the interpreter runs a 256³ matmul in about a second.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Adapters for the one-step student and the fake score: LoRaD (the paper's) and the LoRA / DoRA / full-FT
-baselines (WADI_PAPER.md §3, DESIGN.md §4).
+baselines (WaDi §3.2; ``docs/paper_notes.md#lorad``).
 
 One module per method (:mod:`.lorad`, :mod:`.lora`, :mod:`.dora`), each with its ``XLinear`` wrapping a frozen
 ``nn.Linear``; :mod:`.inject` holds the layer rules and the model-level operations (inject, merge/unmerge/remove,

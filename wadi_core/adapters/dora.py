@@ -1,4 +1,4 @@
-"""DoRA baseline: magnitude × normalised (W + (α/r)·B·A), row-wise (WADI_PAPER.md §3.4, §6.2; Liu et al. 2024).
+"""DoRA baseline: magnitude × normalised (W + (α/r)·B·A), row-wise (Liu et al. 2024; WaDi's adapter ablation).
 
 Notation (PyTorch layout, one magnitude per output row as in PEFT)::
 
@@ -8,8 +8,9 @@ Notation (PyTorch layout, one magnitude per output row as in PEFT)::
 
 Identity at init (B = 0, m = ‖W‖_row). As in the DoRA paper (Sec. 4.3) and PEFT, ‖V‖_row is treated as a
 constant in backward, so no out×in tensor is kept for it. ``frozen_norm=True`` is the "DoRA with frozen
-magnitude" ablation (``dora_frozen_norm``, WADI_PAPER.md §6.2): m stays at the teacher's row norms as a buffer,
-so only the direction trains. Trainable parameters per layer: r·(out + in) (+ out when m trains).
+magnitude" row of WaDi's adapter ablation (``dora_frozen_norm``, ``docs/paper_notes.md#adapter-ablation``): m
+stays at the teacher's row norms as a buffer, so only the direction trains. Trainable parameters per layer:
+r·(out + in) (+ out when m trains).
 """
 
 from __future__ import annotations

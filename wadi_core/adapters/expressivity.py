@@ -31,7 +31,10 @@ ADAPTER_CLASSES = {
 
 
 def mean_direction_change(weight: torch.Tensor, other: torch.Tensor) -> float:
-    """Mean over output rows of 1 − cos(w_i, w'_i) (the DoRA-style direction change of WADI_PAPER.md §2.2)."""
+    """Mean over output rows of 1 − cos(w_i, w'_i).
+
+    The DoRA-style direction change of Fig. 1(a), ``docs/paper_notes.md#analysis-definitions``.
+    """
     return float((1 - F.cosine_similarity(weight.double(), other.double(), dim=1)).mean())
 
 

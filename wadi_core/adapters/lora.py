@@ -1,4 +1,4 @@
-"""LoRA baseline: W + (α/r)·B·A (WADI_PAPER.md §3.4; Hu et al. 2021, as implemented by PEFT).
+"""LoRA baseline: W + (α/r)·B·A (Hu et al. 2021, as implemented by PEFT; a baseline of WaDi's adapter ablation).
 
 Notation (PyTorch layout): ``lora_A`` = A (r×in, Kaiming-uniform as in PEFT), ``lora_B`` = B (out×r, zeros),
 ``scaling`` = α/r. Identity at init because B = 0. Trainable parameters per layer: r·(out + in).

@@ -1,4 +1,4 @@
-"""LoRaD: low-rank rotations of weight directions (WADI_PAPER.md §3.1, DESIGN.md §4).
+"""LoRaD: low-rank rotations of weight directions (WaDi §3.2, Fig. 2; ``docs/paper_notes.md#lorad-definition``).
 
 Notation (PyTorch layout, weight ``W`` of shape out×in; the paper's Θ is the transpose of the code's):
 
@@ -17,11 +17,12 @@ Input columns pair as (2j, 2j+1) and every entry Θ_ij is its own 2-D Givens ang
     y = x·W'ᵀ + b
 
 so every row norm and every pair norm of W is preserved, and W' = W at init. Trainable parameters per layer:
-r·(out + in/2) (WADI_PAPER.md §3.1, "Parameters per adapted layer").
+r·(out + in/2) (``docs/paper_notes.md#lorad-properties``).
 
-Unlike the official forward hook (WADI_PAPER.md §3.5), :class:`LoRaDFunction` runs the Linear once and keeps
-no out×in temporary for backward: it saves x, A, B (and a reference to the frozen W) and recomputes W', cos Θ
-and sin Θ in backward.
+Unlike the official forward hook (``hook_fn`` in ``train_dkd_sd.py``,
+``docs/paper_notes.md#cost-of-the-official-hook``), :class:`LoRaDFunction` runs the Linear once and keeps no
+out×in temporary for backward: it saves x, A, B (and a reference to the frozen W) and recomputes W', cos Θ and
+sin Θ in backward.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _angles(theta_a: torch.Tensor, theta_b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Θ = A·B in ``dtype`` (never autocast to half), wrapped into [−π, π); (out, in/2).
 
-    The wrap is a no-op on cos/sin (2π-periodic) and has gradient 1 almost everywhere (WADI_PAPER.md §3.1).
+    The wrap is a no-op on cos/sin (2π-periodic) and has gradient 1 almost everywhere
+    (``docs/paper_notes.md#lorad-properties``).
     """
     device = theta_a.device.type
     no_autocast = torch.autocast(device, enabled=False) if device in _AUTOCAST_DEVICES else nullcontext()
@@ -72,7 +74,7 @@ def _check_shapes(weight: torch.Tensor, theta_a: torch.Tensor, theta_b: torch.Te
 
 
 def lorad_rotate(weight: torch.Tensor, theta_a: torch.Tensor, theta_b: torch.Tensor) -> torch.Tensor:
-    """The rotated weight W' of WADI_PAPER.md §3.1 (official pairing (2j, 2j+1), Θ wrapped into [−π, π)).
+    """The rotated weight W' of WaDi §3.2 (official pairing (2j, 2j+1), Θ wrapped into [−π, π)).
 
     The single source of truth for the rotation: :class:`LoRaDFunction`, :meth:`LoRaDLinear.merge` and
     :meth:`LoRaDLinear.unmerge` (called with −A, the exact inverse rotation) all go through it.
@@ -149,7 +151,7 @@ class LoRaDFunction(torch.autograd.Function):
 
 
 class LoRaDLinear(nn.Module):
-    """A frozen ``nn.Linear`` whose weight directions are rotated by LoRaD (WADI_PAPER.md §3.1).
+    """A frozen ``nn.Linear`` whose weight directions are rotated by LoRaD (WaDi §3.2).
 
     ``theta_a`` (A, out×r, zeros) and ``theta_b`` (B, r×in/2, Xavier-uniform) are fp32 parameters created on
     the base weight's device (the ``meta`` device included, for parameter counting); the base layer is frozen.
@@ -166,7 +168,7 @@ class LoRaDLinear(nn.Module):
         if base_layer.in_features % 2:
             raise ValueError(
                 f"LoRaD cannot adapt {name!r}: in_features={base_layer.in_features} is odd (columns are rotated "
-                "in pairs, WADI_PAPER.md §3.1); exclude the layer from injection"
+                "in pairs, WaDi §3.2); exclude the layer from injection"
             )
         self.base_layer = base_layer.requires_grad_(False)
         self.rank = rank

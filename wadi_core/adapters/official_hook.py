@@ -1,8 +1,8 @@
 """The official WaDi training code's LoRaD forward hook, re-implemented faithfully as a cost baseline.
 
-Paper: WADI_PAPER.md §3.1 ("official code's form") and §3.5 (its cost). The official ``train_dkd_sd.py`` adds
-``theta_a`` (out×r, zeros) and ``theta_b`` (r×in/2, Xavier-uniform) to every adapted ``nn.Linear`` and registers
-a forward hook that
+Official code: ``register_hooks`` in ``train_dkd_sd.py`` adds ``theta_a`` (out×r, zeros) and ``theta_b``
+(r×in/2, Xavier-uniform) to every adapted ``nn.Linear`` and registers the forward hook ``hook_fn``, which
+(``docs/paper_notes.md#lorad-definition``, ``docs/paper_notes.md#cost-of-the-official-hook``)
 
 1. lets the frozen Linear compute ``x·Wᵀ + b`` and then discards that output,
 2. rebuilds Θ = wrap(theta_a·theta_b) in fp32, materialises cos Θ and sin Θ and the full rotated weight W_rot
@@ -12,7 +12,8 @@ a forward hook that
 So every call runs the Linear twice, and autograd keeps Θ, cos, sin and W_rot (all O(out·in)) alive for
 backward. The math is written out here as the official code does, not through
 :func:`wadi_core.adapters.lorad_rotate`, because the point is to reproduce its cost
-(``python -m wadi_core.bench lorad`` compares it with :class:`wadi_core.adapters.LoRaDLinear`; issue 3).
+(the layer benchmark, ``python -m wadi_core.benchmarks layers``, compares it with
+:class:`wadi_core.adapters.LoRaDLinear`).
 
 Notation: ``theta_a`` → A, ``theta_b`` → B, ``theta`` → Θ = AB (the code's layout, the transpose of the
 paper's d/2×k Θ).
@@ -30,8 +31,8 @@ from torch import Tensor, nn
 def official_lorad_hook(module: nn.Linear, inputs: tuple[Tensor, ...], _output: Tensor) -> Tensor:
     """Forward hook replacing a Linear's output with ``F.linear(x, W_rot, b)``, as the official code does.
 
-    Paper: WADI_PAPER.md §3.1 (pairing (2j, 2j+1), [−π, π) wrap, fp32 θ) and §3.5 (the original output,
-    ``_output``, has already been computed and is thrown away).
+    As ``hook_fn`` in ``train_dkd_sd.py``: pairing (2j, 2j+1), [−π, π) wrap, fp32 θ; the original output,
+    ``_output``, has already been computed and is thrown away.
 
     Args:
         module: a Linear carrying ``theta_a`` (out×r) and ``theta_b`` (r×in/2) parameters.
@@ -55,9 +56,9 @@ def official_lorad_hook(module: nn.Linear, inputs: tuple[Tensor, ...], _output: 
 class OfficialHookLoRaD(nn.Module):
     """A frozen Linear adapted the official way: ``theta_a``/``theta_b`` on the Linear plus the forward hook.
 
-    Paper: WADI_PAPER.md §3.1 and §3.5. The parameters live on the wrapped Linear under the official names, so
-    ``self.base.state_dict()`` has the ``weight``/``bias``/``theta_a``/``theta_b`` keys of the official
-    training checkpoints. Identity at init (``theta_a`` = 0).
+    As ``register_hooks`` in ``train_dkd_sd.py`` sets it up. The parameters live on the wrapped Linear under the
+    official names, so ``self.base.state_dict()`` has the ``weight``/``bias``/``theta_a``/``theta_b`` keys of
+    the official training checkpoints. Identity at init (``theta_a`` = 0).
 
     Args:
         base: the Linear to adapt (frozen in place; ``in_features`` must be even).

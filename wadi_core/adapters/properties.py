@@ -1,7 +1,8 @@
-"""Numerical checks of LoRaD's properties (WADI_PAPER.md §3.1), one row each, for notebook 02.
+"""Numerical checks of LoRaD's properties (WaDi §3.2), one row each, for notebook 02.
 
-Each check returns the measured quantity, what it should be, and whether it holds; the unit tests assert the
-same properties on their own (``tests/test_adapters.py``).
+The properties are listed in ``docs/paper_notes.md#lorad-properties``. Each check returns the measured quantity,
+what it should be, and whether it holds; the unit tests assert the same properties on their own
+(``tests/test_adapters.py``).
 """
 
 from __future__ import annotations

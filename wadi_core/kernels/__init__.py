@@ -1,5 +1,5 @@
-"""GPU kernels for LoRaD (issue 6): a fused Triton forward/backward, the dispatcher :func:`lorad_linear`, and
-:mod:`.bench` (the benchmark against the GEMM floor and the agreement checks that notebook 06 shows).
+"""GPU kernels for LoRaD: a fused Triton forward/backward and the dispatcher :func:`lorad_linear`. The benchmark
+against the GEMM floor and the agreement checks that notebook 06 shows are in :mod:`wadi_core.benchmarks.kernels`.
 
 Importing this package does not import triton; :mod:`.lorad_triton` (which does) is loaded on first use. The
 reference (:class:`wadi_core.adapters.LoRaDFunction`) is the correctness oracle and the CPU path.

@@ -1,4 +1,4 @@
-"""Fused LoRaD Linear in Triton: W' = rot(W, Θ = A·B) is rebuilt tile by tile inside the GEMMs (issue 6).
+"""Fused LoRaD Linear in Triton: W' = rot(W, Θ = A·B) is rebuilt tile by tile inside the GEMMs.
 
 Notation as in :mod:`wadi_core.adapters.lorad`: ``weight`` W (out×in, in even), ``theta_a`` A (out×r), ``theta_b``
 B (r×in/2), Θ = A·B wrapped into [−π, π), input columns paired as (2j, 2j+1). Here M = tokens, N = out,
