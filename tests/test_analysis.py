@@ -1,4 +1,4 @@
-"""Weight-change analysis (WADI_PAPER.md §2, Fig. 1(a)–(c)): synthetic teacher/student pairs with known answers —
+"""Weight-change analysis (WaDi Fig. 1(a)–(c)): synthetic teacher/student pairs with known answers —
 a per-row rescale changes only norms, a rotation of input pairs only directions, a partial rotation leaves a
 low-rank direction residual, and the norm / direction swaps undo them."""
 

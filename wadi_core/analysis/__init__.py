@@ -1,4 +1,4 @@
-"""Weight-change analysis of a one-step student against its teacher (WADI_PAPER.md §2, Fig. 1(a)–(c)).
+"""Weight-change analysis of a one-step student against its teacher (WaDi Fig. 1(a)–(c)).
 
 :mod:`.weights` holds the per-tensor maths (:func:`row_changes`, :func:`direction_residual`,
 :func:`cumulative_energy`, :func:`swap_weight`) and the model-level loops over layers: :func:`weight_changes`

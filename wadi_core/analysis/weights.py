@@ -1,19 +1,19 @@
-"""Weight-change analysis of a one-step student against its teacher (WADI_PAPER.md §2, Fig. 1(a)–(c)).
+"""Weight-change analysis of a one-step student against its teacher (WaDi Fig. 1(a)–(c)).
 
 The paper splits every weight into a norm and a direction (DoRA-style, W = ‖W‖_c · W/‖W‖_c) and finds that
 distillation changes the directions far more than the norms (Fig. 1(a)), that the direction residual is low-rank
 (Fig. 1(b)), and that a student given the teacher's norms still works while one given the teacher's directions
-does not (Fig. 1(c)). The paper does not state its exact definitions (WADI_PAPER.md §2.2, §9.1); this module
-implements the reconstruction of §2.2 – §2.5, stated here once for all functions:
+does not (Fig. 1(c)). The paper does not state its exact definitions; this module implements the reconstruction
+of ``docs/paper_notes.md#weight-change-analysis``, stated here once for all functions:
 
-Notation (PyTorch layout; a conv weight (out, in, kh, kw) is viewed as (out, in·kh·kw), WADI_PAPER.md §2.2)::
+Notation (PyTorch layout; a conv weight (out, in, kh, kw) is viewed as (out, in·kh·kw))::
 
     w_t,i , w_s,i   row i of the teacher / student weight = the weight vector of output neuron i
     n_t,i = ‖w_t,i‖  L2 norm of that row (the paper's column norm ‖W‖_c for W ∈ R^{d×k}, d = input dim)
     norm change      |n_s,i − n_t,i| / n_t,i                      (relative, per output neuron)
     direction change 1 − cos(w_s,i, w_t,i)      or, angle=True:   arccos(clamp(cos, −1, 1))  (radians)
     Ŵ                W with every row divided by its norm (a zero row stays zero)
-    residual R       Ŵ_s − Ŵ_t                                     (WADI_PAPER.md §2.4, per output neuron)
+    residual R       Ŵ_s − Ŵ_t                                     (Fig. 1(b), per output neuron)
 
 Layers: every floating-point tensor with ≥ 2 dims whose state-dict name is ``weight`` or ends in ``.weight``
 (Linear, attention projections, convs, embeddings); 1-D tensors (norms, biases) and buffers not named ``weight``
@@ -64,7 +64,7 @@ def _normalise_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def row_changes(
     w_teacher: torch.Tensor, w_student: torch.Tensor, angle: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-neuron relative norm change and direction change of one weight (WADI_PAPER.md §2.2).
+    """Per-output-neuron relative norm change and direction change of one weight (Fig. 1(a)).
 
     Rows whose teacher norm is 0 are dropped (the relative change is undefined), so both returned tensors have
     one entry per row with ‖w_t,i‖ > 0. A zero student row (teacher row non-zero) has cos := 0: norm change 1,
@@ -97,9 +97,9 @@ def row_changes(
 
 
 def direction_residual(w_teacher: torch.Tensor, w_student: torch.Tensor) -> torch.Tensor:
-    """R = Ŵ_s − Ŵ_t, the direction residual of one weight (WADI_PAPER.md §2.4), float64 (out, in·k·k).
+    """R = Ŵ_s − Ŵ_t, the direction residual of one weight (Fig. 1(b)), float64 (out, in·k·k).
 
-    Each output neuron's row is normalised on its own (the paper's ‖W‖_c, the axis LoRaD keeps; §2.2), not the
+    Each output neuron's row is normalised on its own (the paper's ‖W‖_c, the axis LoRaD keeps), not the
     whole matrix; a zero row stays zero.
     """
     if w_teacher.shape != w_student.shape:
@@ -110,7 +110,7 @@ def direction_residual(w_teacher: torch.Tensor, w_student: torch.Tensor) -> torc
 
 
 def rank_k(rank_fraction: float, min_dim: int) -> int:
-    """k = ⌊rank_fraction · min_dim⌋, at least 1 (WADI_PAPER.md §2.4).
+    """k = ⌊rank_fraction · min_dim⌋, at least 1 (Fig. 1(b)).
 
     Floor, not ceil: it reproduces the x-values of Fig. 1(b) (k ≈ 1, 10, 96, 192, 230, 384 for full ranks 4, 36,
     320, 640, 768, 1280); ceil would give 2, 11, …, 231. A 1e-9 slack absorbs float rounding (0.3 · 10 = 3.0000…4).
@@ -121,7 +121,7 @@ def rank_k(rank_fraction: float, min_dim: int) -> int:
 
 
 def cumulative_energy(residual: torch.Tensor, k: int, use_sigma: bool = False) -> float:
-    """Share of the residual's spectrum in its top-k singular values: Σ_{i≤k} σ_i² / Σ_i σ_i² (WADI_PAPER.md §2.4).
+    """Share of the residual's spectrum in its top-k singular values: Σ_{i≤k} σ_i² / Σ_i σ_i² (Fig. 1(b)).
 
     Args:
         residual: a 2-D matrix (e.g. :func:`direction_residual`).
@@ -141,7 +141,7 @@ def cumulative_energy(residual: torch.Tensor, k: int, use_sigma: bool = False) -
 
 
 def swap_weight(w_teacher: torch.Tensor, w_student: torch.Tensor, take: str = "norm") -> torch.Tensor:
-    """One weight rebuilt with one component taken from the teacher (WADI_PAPER.md §2.5, Fig. 1(c) rule).
+    """One weight rebuilt with one component taken from the teacher (the rebuild rule of Fig. 1(c)).
 
     take="norm":       W = ‖W_t‖_row · W_s / ‖W_s‖_row    (student direction, teacher norm; ①/④)
     take="direction":  W = ‖W_s‖_row · W_t / ‖W_t‖_row    (teacher direction, student norm; ②/⑤)
@@ -242,14 +242,14 @@ def _layer_pairs(
 def weight_changes(
     teacher: StateLike, student: StateLike, layers: LayerFilter = None, angle: bool = False, progress: bool = True
 ) -> pd.DataFrame:
-    """Per-layer norm and direction change of student vs teacher: the points of Fig. 1(a) (WADI_PAPER.md §2.2).
+    """Per-layer norm and direction change of student vs teacher: the points of Fig. 1(a).
 
     For each layer, the per-output-neuron changes of :func:`row_changes` (norm change |n_s − n_t| / n_t,
     direction change 1 − cos, or the angle) are reduced to their mean and population std (ddof=0) over the
-    neurons. The paper does not give these definitions; they are the DoRA-style reconstruction of WADI_PAPER.md
-    §2.2 (norm of each output neuron's weight vector, the axis LoRaD preserves; relative norm change; 1 − cos).
-    Rows with a zero teacher norm are excluded from a layer's statistics (NaN if every row is zero). Multiply by
-    100 for the paper's percentages.
+    neurons. The paper does not give these definitions; they are the DoRA-style reconstruction of
+    ``docs/paper_notes.md#analysis-definitions`` (norm of each output neuron's weight vector, the axis LoRaD
+    preserves; relative norm change; 1 − cos). Rows with a zero teacher norm are excluded from a layer's
+    statistics (NaN if every row is zero). Multiply by 100 for the paper's percentages.
 
     Args:
         teacher: the multi-step teacher, a state dict or an nn.Module.
@@ -285,8 +285,8 @@ def weight_changes(
 def summarize_changes(df: pd.DataFrame) -> dict[str, float]:
     """All-layer means of :func:`weight_changes` and their direction / norm ratios (Fig. 1(a) large markers).
 
-    The all-layer mean is the unweighted mean of the per-layer points (WADI_PAPER.md §2.2; NaN layers skipped).
-    The paper's DMD2 vs SD1.5 claim (§2.3): direction mean ≈ 2.2%, norm mean ≈ 0.1% (ratio ≈ 22×), direction std
+    The all-layer mean is the unweighted mean of the per-layer points (NaN layers skipped).
+    The paper's DMD2 vs SD1.5 numbers (Fig. 1(a)): direction mean ≈ 2.2%, norm mean ≈ 0.1% (ratio ≈ 22×), direction std
     ≈ 2.1%, norm std ≈ 0.2% (ratio ≈ 10×).
 
     Returns:
@@ -311,9 +311,9 @@ def residual_energy(
     use_sigma: bool = False,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Top-k energy of each layer's direction residual R = Ŵ_s − Ŵ_t: the points of Fig. 1(b) (WADI_PAPER.md §2.4).
+    """Top-k energy of each layer's direction residual R = Ŵ_s − Ŵ_t: the points of Fig. 1(b).
 
-    Ŵ normalises each output neuron's row on its own (the ‖W‖_c of §2.2), not the whole matrix;
+    Ŵ normalises each output neuron's row on its own (the paper's ‖W‖_c), not the whole matrix;
     k = ⌊rank_fraction · min(out, in·kh·kw)⌋ (at least 1; floor matches Fig. 1(b)'s x-values, see :func:`rank_k`);
     energy = Σ_{i≤k} σ_i² / Σ_i σ_i² (``use_sigma``: σ instead of σ²). A layer whose residual is exactly zero
     (e.g. the student is the teacher, or a pure per-row rescale by a power of two) gets energy NaN. The paper's
@@ -345,13 +345,14 @@ def residual_energy(
 def swap(
     teacher: StateLike, student: StateLike, take: str = "norm", layers: LayerFilter = None, progress: bool = True
 ) -> dict[str, torch.Tensor]:
-    """The student's state dict with every layer's norm or direction taken from the teacher (WADI_PAPER.md §2.5).
+    """The student's state dict with every layer's norm or direction taken from the teacher (Fig. 1(c)).
 
     Per analysed layer (same selection as :func:`weight_changes`), :func:`swap_weight` rebuilds the weight per
     output row: take="norm" → ‖W_t‖ · W_s/‖W_s‖ (Fig. 1(c) ①/④, the student barely changes in the paper),
-    take="direction" → ‖W_s‖ · W_t/‖W_t‖ (②/⑤, the student breaks). This is exactly the paper's rebuild rule as
-    reconstructed in §2.5. Every other tensor (biases, norms, unselected weights, buffers) is the student's,
-    cloned. The inputs are never modified; the result can be loaded with ``model.load_state_dict``.
+    take="direction" → ‖W_s‖ · W_t/‖W_t‖ (②/⑤, the student breaks). This is the paper's rebuild rule as
+    reconstructed in ``docs/paper_notes.md#norm-and-direction-swap``. Every other tensor (biases, norms,
+    unselected weights, buffers) is the student's, cloned. The inputs are never modified; the result can be loaded
+    with ``model.load_state_dict``.
 
     Args:
         teacher, student: state dicts or nn.Modules with the same keys and shapes.
@@ -371,7 +372,7 @@ def swap(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The paper's model pairs (Fig. 1, WADI_PAPER.md §2.1), loaded from the model hub on the `paper` profile.
+# The paper's model pairs (Fig. 1), loaded from the model hub on the `paper` profile.
 # ---------------------------------------------------------------------------------------------------------------
 
 PAPER_PAIRS: dict[str, dict[str, str]] = {
