@@ -1,4 +1,4 @@
-"""VSD objective (DESIGN.md §4 "VSD", WADI_PAPER.md §4.1) and ``VSDConfig`` (WADI_PAPER.md §4.2), on a toy-size
+"""VSD objective (WaDi §3.3, ``train_dkd_sd.py``) and ``VSDConfig`` (``train_dkd_sd1.5.sh``), on a toy-size
 diffusers U-Net: the generator gradient's sign and value, the fake-score loss, the one-step x0 formula, CFG."""
 
 import copy

@@ -21,7 +21,7 @@ PROFILE_NAMES = ("smoke", "tiny", "paper")
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """ShapesWorld sizes (DESIGN.md §2). Seeds of the splits are disjoint by construction."""
+    """ShapesWorld sizes (``docs/design.md#the-tiny-world``). Seeds of the splits are disjoint by construction."""
 
     resolution: int = 32  # pixels per side, as in the tiny teacher's sample_size
     train_size: int = 20_000  # captioned training images (teacher, tiny CLIP, reader)
@@ -52,7 +52,10 @@ class ClipTrainConfig:
 
 @dataclass(frozen=True)
 class TeacherTrainConfig:
-    """Pixel-space teacher UNet2DConditionModel, ε-prediction, SD1.5 DDPM schedule (DESIGN.md §2)."""
+    """Pixel-space teacher UNet2DConditionModel, ε-prediction, SD1.5 DDPM schedule.
+
+    Why pixel space and this schedule: ``docs/paper_notes.md#tiny-world-architecture``.
+    """
 
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     down_block_types: tuple[str, ...] = ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D")
@@ -116,8 +119,8 @@ class AdapterStudyConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Notebook 03: the tiny-world VSD recipe shared by every student, and the ablations (WADI_PAPER.md §4.2,
-    §6.2–6.3). Paper values are in :class:`wadi_core.distill.VSDConfig`'s defaults; deviations are named here."""
+    """Notebook 03: the tiny-world VSD recipe shared by every student, and WaDi's adapter and student-rank
+    ablations. Paper values are in :class:`wadi_core.distill.VSDConfig`'s defaults; deviations are named here."""
 
     # Ranks chosen so the trainable shares mirror the paper's on the 1.41 M-parameter tiny U-Net.
     student_rank: int = 19  # LoRaD r=19: 9.9 % of the U-Net (paper r=256 on SD1.5: 83.8 M = 9.75 %)
@@ -133,7 +136,8 @@ class DistillConfig:
     guidance_scale: float = 1.5  # the paper's; the tiny teacher is accurate from CFG 1.5 on (notebook 00)
     batch_size: int = 16  # paper: 128
     steps: int = 1000  # generator steps (paper: 22.2k); ≈ 15 CPU-minutes per student on one thread
-    # Deviations from the official loop (VSD_NOTES.md): keep the fake score ahead of the generator.
+    # Deviations from the official loop: keep the fake score ahead of the generator
+    # (docs/paper_notes.md#tiny-vsd-recipe).
     fake_warmup_steps: int = 30  # paper: 0
     fake_updates_per_step: int = 2  # paper: 1
     normalize_generator_grad: bool = False  # paper: False (DMD's per-sample normalisation)
@@ -190,12 +194,12 @@ def _smoke() -> Profile:
 
 def _paper() -> Profile:
     # The paper's world runs SD-scale backbones from the model hub on a GPU; its sizes are those of the
-    # COCO protocols (PEERS_AND_PROTOCOLS.md §3). Tiny-world training configs do not apply there.
+    # COCO protocols (docs/paper_notes.md#evaluation-protocols). Tiny-world training configs do not apply there.
     return Profile(
         name="paper",
         world=WorldConfig(coco14_size=30_000, coco17_size=5_000),
         sampling=SamplingConfig(eval_samples=30_000, guidance_scale=3.0, batch_size=16),
-        distill=DistillConfig(  # the official recipe (WADI_PAPER.md §4.2), no tiny-world deviations
+        distill=DistillConfig(  # the official recipe (train_dkd_sd1.5.sh), no tiny-world deviations
             student_rank=256, baseline_rank=256, fake_rank=32, rank_ablation=(64, 128, 256, 512),
             student_lrs=tuple((m, 1e-4) for m in ("lorad", "full", "lora", "dora", "dora_frozen_norm")),
             batch_size=128, steps=22_200, fake_warmup_steps=0, fake_updates_per_step=1, checkpoint_every=500,

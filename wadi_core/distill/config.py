@@ -1,8 +1,9 @@
-"""Configuration of the VSD distillation loop (DESIGN.md §4 "VSD", WADI_PAPER.md §4.2).
+"""Configuration of the VSD distillation loop (WaDi §3.3; ``docs/paper_notes.md#vsd-training``).
 
-Defaults are the paper's values (SD1.5 column of WADI_PAPER.md §4.2). Every deviation from the official loop
-that the tiny world may need (fake-score warm-up, fake:generator update ratio, gradient normalisation, EMA,
-loss reduction, dropout mode) is a named field whose paper-faithful value is the default.
+Defaults are the paper's values (``train_dkd_sd1.5.sh`` and ``train_dkd_sd.py``'s argument defaults,
+``docs/paper_notes.md#training-hyper-parameters``). Every deviation from the official loop that the tiny world
+may need (fake-score warm-up, fake:generator update ratio, gradient normalisation, EMA, loss reduction, dropout
+mode) is a named field whose paper-faithful value is the default.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class VSDConfig:
     # Fake score: a second copy of the teacher with its own adapter (the "teacher_lora" of the official code).
     fake_method: str = "lorad"
     fake_rank: int = 32  # paper: 32 for every backbone
-    # Objective (WADI_PAPER.md §4.1).
+    # Objective (``train_dkd_sd.py``, docs/paper_notes.md#generator-loss).
     guidance_scale: float = 1.5  # CFG of both the real and the fake score in the generator loss
     t_min_fraction: float = 0.02  # generator t ~ U{⌊t_min·T⌋, …, ⌊t_max·T⌋−1} = {20, …, 980}
     t_max_fraction: float = 0.981

@@ -1,4 +1,4 @@
-"""ShapesWorld: deterministic procedural 32×32 captioned images (DESIGN.md §2)."""
+"""ShapesWorld: deterministic procedural 32×32 captioned images (``docs/design.md#the-tiny-world``)."""
 
 from .datasets import (
     SPLITS,

@@ -1,4 +1,5 @@
-"""ShapesWorld scenes and their captions: the miniature of the paper's text-to-image world (DESIGN.md §2).
+"""ShapesWorld scenes and their captions: the miniature of the paper's text-to-image world
+(``docs/design.md#the-tiny-world``).
 
 Grammar (every caption is lower case, no punctuation):
 
