@@ -2,7 +2,6 @@
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,9 +30,11 @@ from wadi_core.eval import (
     save_images,
     write_eval_manifest,
 )
+from wadi_core.eval.coco import COCO14_CAPTIONS_ENV, coco2014_caption_list_path
 from wadi_core.eval.fid import _keep_native_resolution
 
-CAPTIONS_30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco2014_30k_captions.txt"
+# SHA-256 of DMD2's public caption list (tianweiy/DMD2, main/coco_eval/captions_coco14_test.txt).
+DMD2_CAPTIONS_SHA256 = "edabd2a556026cbf5d36a5fffa35ad43d7ba71b72f6d640b727c1edefb7f1945"
 
 
 @pytest.fixture(autouse=True)
@@ -228,14 +229,30 @@ def test_caption_list_file(tmp_path):
         coco2014_30k_captions(path)
 
 
-@pytest.mark.skipif(not CAPTIONS_30K.is_file(), reason="shared COCO-2014 30k caption list not present")
+def test_caption_list_path_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv(COCO14_CAPTIONS_ENV, raising=False)
+    assert coco2014_caption_list_path() is None
+    monkeypatch.setenv(COCO14_CAPTIONS_ENV, "")
+    assert coco2014_caption_list_path() is None
+    path = tmp_path / "captions.txt"
+    path.write_text("a cat\n")
+    monkeypatch.setenv(COCO14_CAPTIONS_ENV, str(path))
+    assert coco2014_caption_list_path() == path
+    monkeypatch.setenv(COCO14_CAPTIONS_ENV, str(tmp_path / "nope.txt"))
+    with pytest.raises(FileNotFoundError, match=COCO14_CAPTIONS_ENV):
+        coco2014_caption_list_path()
+
+
 def test_real_coco2014_30k_caption_list():
-    captions = coco2014_30k_captions(CAPTIONS_30K)
-    assert len(captions) == 30_000 and captions == coco2014_30k_captions(CAPTIONS_30K)
+    path = coco2014_caption_list_path()
+    if path is None:
+        pytest.skip(f"set {COCO14_CAPTIONS_ENV} to DMD2's COCO-2014 30k caption list (captions_coco14_test.txt, "
+                    "one caption per line) to check it")
+    assert file_sha256(path) == DMD2_CAPTIONS_SHA256, f"{path} is not DMD2's captions_coco14_test.txt"
+    captions = coco2014_30k_captions(path)
+    assert len(captions) == 30_000 and captions == coco2014_30k_captions(path)
     assert captions[0] == "This wire metal rack holds several pairs of shoes and sandals"
     assert all(c and "\n" not in c for c in captions)
-    listed = (CAPTIONS_30K.parent / "SHA256SUMS").read_text().split()[0]
-    assert file_sha256(CAPTIONS_30K) == listed
 
 
 def test_center_crop_resize_keeps_a_centred_square():

@@ -1,7 +1,7 @@
 """CLIP score: raw cosine between image and prompt embeddings (≈0.3 scale for SD, as the paper reports;
 not the ×100 torchmetrics convention). The tiny world uses the tiny ShapesWorld CLIP; the paper profile uses
 open_clip ViT-g-14 ``laion2b_s12b_b42k`` with the prompt prefixed by "A photo depicts " (GigaGAN → DMD2,
-SwiftBrush-v2; PEERS_AND_PROTOCOLS.md §3.2, WADI_PAPER.md §5).
+SwiftBrush-v2's public evaluation code; ``docs/paper_notes.md#clip-score``).
 """
 
 from __future__ import annotations

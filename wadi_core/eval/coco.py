@@ -1,19 +1,22 @@
-"""The COCO zero-shot protocols of the paper profile (PEERS_AND_PROTOCOLS.md §3.3–3.4, WADI_PAPER.md §5).
+"""The COCO zero-shot protocols of the paper profile (``docs/paper_notes.md#evaluation-protocols``).
 
 - **COCO-2014 30k** (Table 1): 30,000 val2014 captions, one image per caption; either a supplied caption list
   (e.g. DMD2's ``captions_coco14_test.txt``, one caption per line) or a seeded sample of one caption per image
   from the official ``captions_val2014.json``.
 - **COCO-2017 5k**: the 5,000 val2017 images, each with its first caption (lowest annotation id).
-- Real and generated images are centre-cropped to a square and LANCZOS-resized to 256 before clean-fid.
+- Real and generated images are centre-cropped to a square and LANCZOS-resized to 256 before clean-fid, as in
+  SwiftBrush-v2's and DMD2's public evaluation code (both after GigaGAN).
 - Every frozen choice (caption file hash, seeds, resolution, reference set size) goes into an eval manifest.
 
-No COCO file ships with the repository: pass your own paths.
+No COCO file ships with the repository: pass your own paths. A 30k caption list can also be named once in the
+environment variable ``WADI_COCO14_CAPTIONS`` (see :func:`coco2014_caption_list_path`).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ from ..artifacts import atomic_write_text
 from .fid import _write_png, file_sha256, image_files
 
 COCO_EVAL_SIZE = 256  # centre-crop + LANCZOS resize of real and generated images (GigaGAN, DMD2, SBv2)
+COCO14_CAPTIONS_ENV = "WADI_COCO14_CAPTIONS"  # path of a COCO-2014 30k caption list, one caption per line
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,22 @@ def coco2014_30k_captions(path: Path | None = None, annotations: Path | None = N
     return [line.strip() for line in lines[:n]]
 
 
+def coco2014_caption_list_path() -> Path | None:
+    """The caption list named by ``WADI_COCO14_CAPTIONS``, or None when the variable is unset or empty.
+
+    Pass the result to :func:`coco2014_30k_captions`. A variable that names a missing file raises, so that a
+    wrong path is not mistaken for "no caption list configured".
+    """
+    value = os.environ.get(COCO14_CAPTIONS_ENV, "").strip()
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{COCO14_CAPTIONS_ENV}={value!r} does not name a file (a COCO-2014 caption list, "
+                                "one caption per line, e.g. DMD2's captions_coco14_test.txt)")
+    return path
+
+
 def coco2017_5k(annotations_json: Path) -> list[CocoCaption]:
     """Every val2017 image (5,000) with its first caption (lowest annotation id), sorted by image id."""
     files, captions = _load_annotations(annotations_json)
@@ -141,7 +161,7 @@ def center_crop_resize_folder(source: Path, target: Path, size: int = COCO_EVAL_
 def write_eval_manifest(path: Path, caption_file: Path | None = None, **frozen_choices) -> dict:
     """Atomically write the frozen choices of an evaluation as JSON (sorted keys) and return them.
 
-    Record at least the seeds, the resolution and the reference set size (PEERS_AND_PROTOCOLS.md §3.3), e.g.
+    Record at least the seeds, the resolution and the reference set size (they vary between papers), e.g.
     ``write_eval_manifest(p, caption_file=..., seed=2024, resolution=256, reference_size=40504,
     clip_model="ViT-g-14", safety_checker=False)``. ``caption_file`` adds its path, SHA-256 and line count;
     the clean-fid version is added too.

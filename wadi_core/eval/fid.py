@@ -1,4 +1,4 @@
-"""FID through clean-fid (PEERS_AND_PROTOCOLS.md §3), one code path for every profile.
+"""FID through clean-fid (Parmar et al., 2022; ``docs/paper_notes.md#fid``), one code path for every profile.
 
 clean-fid reads image folders. In the tiny world its Inception network is swapped for the ShapesWorld feature
 network via ``custom_feat_extractor``, and its resize to 299 px for a no-op (``custom_fn_resize``), so the

@@ -1,8 +1,9 @@
 """Improved precision and recall (Kynkäänniemi et al., NeurIPS 2019), k-NN manifold estimate.
 
-Paper (WaDi) Table 1 reports Precision/Recall with SwiftBrush-v2's evaluator: the ADM/guided-diffusion
-``ManifoldEstimator`` with k = 3 (WADI_PAPER.md §5). Each set's manifold is the union of balls centred on its
-features, of radius the distance to the k-th nearest neighbour in the same set (self excluded):
+WaDi's Table 1 reports Precision/Recall; SwiftBrush-v2's evaluation uses the ADM/guided-diffusion
+``ManifoldEstimator`` with k = 3, presumably WaDi's too (``docs/paper_notes.md#precision-and-recall``). Each set's
+manifold is the union of balls centred on its features, of radius the distance to the k-th nearest neighbour in
+the same set (self excluded):
 
     precision = fraction of generated features inside the real manifold   (fidelity)
     recall    = fraction of real features inside the generated manifold    (diversity)
