@@ -105,7 +105,9 @@ def test_wrap_is_a_no_op_on_values():
     # Θ + 2πk through one more rank: A' = [A, 2πk], B' = [B; 1].
     a_shifted = torch.cat([a, torch.full((a.shape[0], 1), 2 * math.pi * 3)], dim=1)
     b_shifted = torch.cat([b, torch.ones(1, b.shape[1])], dim=0)
-    torch.testing.assert_close(lorad_rotate(weight, a_shifted, b_shifted), lorad_rotate(weight, a, b), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        lorad_rotate(weight, a_shifted, b_shifted), lorad_rotate(weight, a, b), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_rotation_keeps_the_weight_dtype_and_computes_angles_in_fp32():

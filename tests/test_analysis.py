@@ -58,7 +58,9 @@ def make_teacher(seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-def rescale_student(teacher: dict[str, torch.Tensor], seed: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def rescale_student(
+    teacher: dict[str, torch.Tensor], seed: int = 1
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Student = teacher with every layer row i multiplied by a known positive factor s_i; other tensors perturbed."""
     g = torch.Generator().manual_seed(seed)
     student, scales = {}, {}
@@ -87,8 +89,10 @@ def test_layers_are_the_2d_and_4d_weights_with_kinds_and_shapes():
     assert df["layer"].tolist() == ["attn1.to_q.weight", "ff.proj.weight", "conv.weight"]
     assert df["kind"].tolist() == ["attention", "linear", "conv"]
     assert df["shape"].tolist() == ["6×8", "10×4", "5×2×3×3"]
-    assert df["out"].tolist() == [6, 10, 5] and df["in"].tolist() == [8, 4, 18] and df["numel"].tolist() == [48, 40, 90]
-    np.testing.assert_allclose(df[["norm_mean", "norm_std", "direction_mean", "direction_std"]].to_numpy(), 0.0, atol=1e-12)
+    assert df["out"].tolist() == [6, 10, 5] and df["in"].tolist() == [8, 4, 18]
+    assert df["numel"].tolist() == [48, 40, 90]
+    stats = df[["norm_mean", "norm_std", "direction_mean", "direction_std"]].to_numpy()
+    np.testing.assert_allclose(stats, 0.0, atol=1e-12)
 
 
 def test_layers_filter_by_names_or_callable():
@@ -195,7 +199,8 @@ def test_rank_k_follows_the_fig_1b_x_values():
 
 def test_rank_k_direction_residual_has_all_its_energy_in_k():
     g = torch.Generator().manual_seed(5)
-    w_t = torch.randn(12, 20, generator=g, dtype=torch.float64) * (0.5 + torch.rand(12, 1, generator=g, dtype=torch.float64))
+    w_t = torch.randn(12, 20, generator=g, dtype=torch.float64)
+    w_t = w_t * (0.5 + torch.rand(12, 1, generator=g, dtype=torch.float64))
     rescale = 0.5 + torch.rand(12, 1, generator=g, dtype=torch.float64)
     w_s = rescale * rotate_rows(w_t, PHI, planes=2)  # residual = Ŵ_t (Q − I): rank 4; the rescale is normalised away
     residual = direction_residual(w_t, w_s)
@@ -260,7 +265,9 @@ def test_swap_takes_one_component_from_each_side():
     out_direction = swap({"w.weight": w_t}, {"w.weight": w_s}, take="direction", progress=False)["w.weight"]
     torch.testing.assert_close(out_norm, norm_t * w_s / norm_s)
     torch.testing.assert_close(out_direction, norm_s * w_t / norm_t)
-    only_conv = swap(make_teacher(), rotate_student(make_teacher()), take="direction", layers=["conv.weight"], progress=False)
+    only_conv = swap(
+        make_teacher(), rotate_student(make_teacher()), take="direction", layers=["conv.weight"], progress=False
+    )
     assert not torch.allclose(only_conv["ff.proj.weight"], make_teacher()["ff.proj.weight"])
     with pytest.raises(ValueError, match="take"):
         swap({"w.weight": w_t}, {"w.weight": w_s}, take="magnitude", progress=False)
@@ -299,7 +306,8 @@ def test_nn_module_inputs():
     assert df.loc[0, "direction_mean"] == pytest.approx(1 - math.cos(PHI), rel=1e-5)
     assert df.loc[1, "norm_mean"] == pytest.approx(1.0) and df.loc[1, "direction_mean"] == pytest.approx(0.0, abs=1e-7)
     restored = copy.deepcopy(student)
-    restored.load_state_dict(swap(teacher, swap(teacher, student, take="direction", progress=False), take="norm", progress=False))
+    direction_swapped = swap(teacher, student, take="direction", progress=False)
+    restored.load_state_dict(swap(teacher, direction_swapped, take="norm", progress=False))
     for mine, theirs in zip(restored.parameters(), teacher.parameters()):
         if mine.dim() >= 2:
             torch.testing.assert_close(mine, theirs)
@@ -321,6 +329,7 @@ def test_load_denoiser_state_reads_a_safetensors_file_and_a_diffusers_folder(tmp
     state = {k: v.contiguous() for k, v in unet.state_dict().items()}
     save_file(state, str(tmp_path / "unet.safetensors"))
     unet.save_pretrained(tmp_path / "folder")
-    for loaded in (load_denoiser_state(str(tmp_path / "unet.safetensors")), load_denoiser_state(str(tmp_path / "folder"))):
+    for source in (tmp_path / "unet.safetensors", tmp_path / "folder"):
+        loaded = load_denoiser_state(str(source))
         assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)
     assert {"DMD2 vs SD1.5", "PixArt-α DMD vs PixArt-α"} <= set(PAPER_PAIRS)

@@ -193,7 +193,8 @@ def test_fake_score_loss_formula_and_null_dropout(real, texts, scheduler):
     cond, null = texts
     x0 = torch.randn(BATCH, CHANNELS, SIZE, SIZE, generator=torch.Generator().manual_seed(11))
     for dropout, states in ((0.0, cond), (1.0, null.expand_as(cond))):
-        loss = fake_score_loss(real, x0, cond, null, scheduler, torch.Generator().manual_seed(12), null_dropout=dropout)
+        generator = torch.Generator().manual_seed(12)
+        loss = fake_score_loss(real, x0, cond, null, scheduler, generator, null_dropout=dropout)
         gen = torch.Generator().manual_seed(12)
         t = torch.randint(0, 1000, (BATCH,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)

@@ -47,8 +47,9 @@ class DoRALinear(nn.Module):
         self.merged = False
         self._merge_scale: torch.Tensor | None = None
         weight = base_layer.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, base_layer.in_features, device=weight.device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, rank, device=weight.device, dtype=torch.float32))
+        factory = {"device": weight.device, "dtype": torch.float32}
+        self.lora_A = nn.Parameter(torch.empty(rank, base_layer.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, rank, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init of A
         magnitude = torch.linalg.vector_norm(weight.detach().float(), dim=1)  # (out,)
         if frozen_norm:

@@ -121,8 +121,16 @@ def fit_adapter(weight: torch.Tensor, target: torch.Tensor, method: str, rank: i
     }
 
 
-def expressivity_sweep(weights: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], methods: tuple[str, ...],
-                       ranks: tuple[int, ...], steps: int, lr: float, seed: int, progress: bool = True) -> pd.DataFrame:
+def expressivity_sweep(
+    weights: dict[str, torch.Tensor],
+    targets: dict[str, torch.Tensor],
+    methods: tuple[str, ...],
+    ranks: tuple[int, ...],
+    steps: int,
+    lr: float,
+    seed: int,
+    progress: bool = True,
+) -> pd.DataFrame:
     """:func:`fit_adapter` over layers × methods × ranks; one row per fit."""
     jobs = [(name, method, rank) for name in weights for method in methods for rank in ranks]
     rows = []

@@ -66,7 +66,8 @@ def _check_shapes(weight: torch.Tensor, theta_a: torch.Tensor, theta_b: torch.Te
     out_features, in_features = weight.shape
     if in_features % 2:
         raise ValueError(f"LoRaD needs an even number of input features, got weight of shape {tuple(weight.shape)}")
-    if theta_a.shape[0] != out_features or theta_b.shape[1] != in_features // 2 or theta_a.shape[1] != theta_b.shape[0]:
+    rank_a, rank_b = theta_a.shape[1], theta_b.shape[0]
+    if theta_a.shape[0] != out_features or theta_b.shape[1] != in_features // 2 or rank_a != rank_b:
         raise ValueError(
             f"LoRaD shapes do not fit: weight {tuple(weight.shape)} needs theta_a (out={out_features}, r) and "
             f"theta_b (r, in/2={in_features // 2}); got theta_a {tuple(theta_a.shape)}, theta_b {tuple(theta_b.shape)}"

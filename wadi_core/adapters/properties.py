@@ -54,7 +54,9 @@ def check_lorad_properties(base: nn.Linear, rank: int, seed: int = 0, angle_scal
     record("identity at init: max |y_LoRaD − y_Linear|", identity_error, "0", identity_error == 0.0)
     layer(x).square().sum().backward()
     grad_a, grad_b = layer.theta_a.grad.abs().max().item(), layer.theta_b.grad.abs().max().item()
-    record("gradient at init reaches theta_b: max |∂L/∂B|", grad_b, "0 (only A moves first)", grad_b == 0.0 and grad_a > 0)
+    record(
+        "gradient at init reaches theta_b: max |∂L/∂B|", grad_b, "0 (only A moves first)", grad_b == 0.0 and grad_a > 0
+    )
 
     # 2. Norms under random angles.
     with torch.no_grad():
@@ -80,7 +82,8 @@ def check_lorad_properties(base: nn.Linear, rank: int, seed: int = 0, angle_scal
     shared = theta.mean(dim=0)
     y_shared = F.linear(x, lorad_rotate(weight, torch.ones(weight.shape[0], 1, dtype=torch.float64), shared[None]))
     oft_error = (y_shared - F.linear(_rotate_input_pairs(x, shared), weight)).abs().max().item()
-    record("identical rows of Θ = input-pair rotation (OFT b=2): max |difference|", oft_error, "< 1e-12", oft_error < 1e-12)
+    record("identical rows of Θ = input-pair rotation (OFT b=2): max |difference|", oft_error, "< 1e-12",
+           oft_error < 1e-12)
     y_lorad = F.linear(x, rotated)
     best_shared = F.linear(_rotate_input_pairs(x, shared), weight)
     gap = ((y_lorad - best_shared).norm() / (y_lorad - F.linear(x, weight)).norm()).item()
@@ -103,7 +106,9 @@ def check_lorad_properties(base: nn.Linear, rank: int, seed: int = 0, angle_scal
     a = layer.theta_a.detach().clone().requires_grad_(True)
     b = layer.theta_b.detach().clone().requires_grad_(True)
     F.linear(x, lorad_rotate(weight, a, b), linear.bias).sin().sum().backward()
-    grad_error = max((layer.theta_a.grad - a.grad).abs().max().item(), (layer.theta_b.grad - b.grad).abs().max().item())
+    grad_error = max(
+        (layer.theta_a.grad - a.grad).abs().max().item(), (layer.theta_b.grad - b.grad).abs().max().item()
+    )
     record("custom backward = naive autograd: max |Δ grad|", grad_error, "< 1e-10", grad_error < 1e-10)
 
     # 7. Parameter count r·(out + in/2).

@@ -7,14 +7,14 @@
 """
 
 from .weights import (
-    PAPER_PAIRS,
-    load_denoiser_state,
     CHANGE_COLUMNS,
     ENERGY_COLUMNS,
+    PAPER_PAIRS,
     SWAP_TAKES,
     cumulative_energy,
     direction_residual,
     layer_kind,
+    load_denoiser_state,
     rank_k,
     residual_energy,
     row_changes,

@@ -36,7 +36,9 @@ from tqdm import tqdm
 StateLike = Mapping[str, torch.Tensor] | nn.Module
 LayerFilter = Iterable[str] | Callable[[str], bool] | None
 
-CHANGE_COLUMNS = ("layer", "kind", "shape", "out", "in", "numel", "norm_mean", "norm_std", "direction_mean", "direction_std")
+CHANGE_COLUMNS = (
+    "layer", "kind", "shape", "out", "in", "numel", "norm_mean", "norm_std", "direction_mean", "direction_std"
+)
 ENERGY_COLUMNS = ("layer", "kind", "k", "min_dim", "energy")
 SWAP_TAKES = ("norm", "direction")
 _ATTENTION_MARKERS = ("attn", "to_q", "to_k", "to_v", "to_out")
@@ -293,10 +295,11 @@ def summarize_changes(df: pd.DataFrame) -> dict[str, float]:
         ``n_layers, norm_mean, norm_std, direction_mean, direction_std, ratio_mean`` (direction_mean / norm_mean)
         and ``ratio_std`` (direction_std / norm_std); a ratio over a zero norm value is inf (NaN if both are 0).
     """
-    missing = [column for column in ("norm_mean", "norm_std", "direction_mean", "direction_std") if column not in df]
+    columns = ("norm_mean", "norm_std", "direction_mean", "direction_std")
+    missing = [column for column in columns if column not in df]
     if missing:
         raise ValueError(f"not a weight_changes() table: missing columns {missing}")
-    means = {column: float(df[column].mean()) for column in ("norm_mean", "norm_std", "direction_mean", "direction_std")}
+    means = {column: float(df[column].mean()) for column in columns}
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio_mean = float(np.float64(means["direction_mean"]) / np.float64(means["norm_mean"]))
         ratio_std = float(np.float64(means["direction_std"]) / np.float64(means["norm_std"]))
@@ -366,9 +369,11 @@ def swap(
     if take not in SWAP_TAKES:
         raise ValueError(f"unknown take {take!r}; choose one of {', '.join(SWAP_TAKES)}")
     student_state = _state_dict(student, "student")
-    swapped = {name: swap_weight(w_teacher, w_student, take)
-               for name, w_teacher, w_student in _layer_pairs(teacher, student_state, layers, progress, f"swap {take}")}
-    return {name: swapped[name] if name in swapped else tensor.detach().clone() for name, tensor in student_state.items()}
+    pairs = _layer_pairs(teacher, student_state, layers, progress, f"swap {take}")
+    swapped = {name: swap_weight(w_teacher, w_student, take) for name, w_teacher, w_student in pairs}
+    return {
+        name: swapped[name] if name in swapped else tensor.detach().clone() for name, tensor in student_state.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,10 +3,10 @@
 from .datasets import (
     SPLITS,
     ShapesDataset,
+    condition_maps,
     describe_splits,
     make_split,
     object_targets,
-    condition_maps,
     sample_scenes,
 )
 from .render import edge_map, render_mask, render_scene

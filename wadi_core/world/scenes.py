@@ -35,7 +35,9 @@ POSITIONS: dict[str, tuple[float, float]] = {  # region centres at 32 px (x, y)
     "center": (16.0, 16.0),
 }
 RELATIONS: tuple[str, ...] = ("left of", "right of", "below", "above")
-CAPTION_RELATION_WORDS: dict[str, str] = {"left of": "left of", "right of": "right of", "below": "below", "above": "and"}
+CAPTION_RELATION_WORDS: dict[str, str] = {
+    "left of": "left of", "right of": "right of", "below": "below", "above": "and"
+}
 PAIR_RADIUS: tuple[float, float] = (4.0, 6.0)  # object radius in two-object scenes
 COMBOS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in SHAPES)  # reader's 12 object classes
 _REFERENCE_RESOLUTION = 32
