@@ -1,4 +1,5 @@
-"""The repository stands alone: no tracked file points at documents or folders that a clone does not have.
+"""The repository stands alone: no tracked file points at documents or folders that a clone does not have, and
+every ``docs/<page>.md#<anchor>`` link names a heading that exists.
 
 Every tracked text file (notebooks included) is searched for the names of notes kept outside the repository, for
 paths into a ``shared`` folder beside the checkout, and for references to numbered issue-tracker entries.
@@ -28,6 +29,21 @@ FORBIDDEN: dict[str, re.Pattern[str]] = {
 }
 # file -> the kinds of hit it may contain
 ALLOWED = {".ci/run": {OUTSIDE_PATH}}
+
+
+DOCS_LINK = re.compile(r"docs/([\w-]+\.md)#([\w-]+)")
+RELATIVE_DOCS_LINK = re.compile(r"\]\(([\w-]+\.md)?#([\w-]+)\)")  # [text](page.md#anchor) inside docs/
+
+
+def heading_anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    text = heading.strip().lower().replace("`", "")
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _anchors(page: str) -> set[str]:
+    lines = (REPO_ROOT / "docs" / page).read_text(encoding="utf-8").splitlines()
+    return {heading_anchor(line.lstrip("#")) for line in lines if re.match(r"#{1,6} ", line)}
 
 
 def _tracked_files() -> list[str]:
@@ -85,3 +101,24 @@ def test_no_tracked_file_points_outside_the_repository():
         f"{len(hits)} reference(s) to documents, folders or issues that a clone of this repository lacks; cite the "
         "paper, the official code, public protocols or docs/ instead:\n" + "\n".join(hits)
     )
+
+
+def test_heading_anchor_follows_github():
+    assert heading_anchor(" Fig. 1 numbers") == "fig-1-numbers"
+    assert heading_anchor("COCO-2014 30k") == "coco-2014-30k"
+    assert heading_anchor("Quirks of the official code") == "quirks-of-the-official-code"
+
+
+def test_every_docs_anchor_exists():
+    anchors = {page.name: _anchors(page.name) for page in (REPO_ROOT / "docs").glob("*.md")}
+    broken = []
+    for path in _tracked_files():
+        text = _text(path)
+        if text is None:
+            continue
+        links = [(m.group(1), m.group(2)) for m in DOCS_LINK.finditer(text)]
+        if path.startswith("docs/"):
+            here = path.removeprefix("docs/")
+            links += [(m.group(1) or here, m.group(2)) for m in RELATIVE_DOCS_LINK.finditer(text)]
+        broken += [f"{path}: docs/{page}#{anchor}" for page, anchor in links if anchor not in anchors.get(page, set())]
+    assert not broken, "links to missing docs headings:\n" + "\n".join(broken)
