@@ -24,8 +24,10 @@ FORBIDDEN: dict[str, re.Pattern[str]] = {
     "note outside the repository": re.compile(
         r"WADI[_]PAPER|DESIGN[.]md|PEERS[_]AND[_]PROTOCOLS|VSD[_]NOTES|CPU[_]FACTS"
     ),
-    OUTSIDE_PATH: re.compile(r"[.][.]/shared\b|/\s*\\?[\"']shared\\?[\"']"),  # "../shared", `parent / "shared"`
-    "issue reference": re.compile(r"\b[Ii]ssues?\s+(#?[0-9]+|\")"),  # issue 3, Issue 6, issues #3, issue "VSD ..."
+    # a relative path up into "shared", or a path joined with a "shared" component (also JSON-escaped in notebooks)
+    OUTSIDE_PATH: re.compile(r"[.][.]/shared\b|/\s*\\?[\"']shared\\?[\"']"),
+    # a numbered or quoted issue, in either case, singular or plural, with or without "#"
+    "issue reference": re.compile(r"\b[Ii]ssues?\s+(#?[0-9]+|\")"),
 }
 # file -> the kinds of hit it may contain
 ALLOWED = {".ci/run": {OUTSIDE_PATH}}
