@@ -55,7 +55,8 @@ TABLE1_WADI_PIXART = Table1Row(610.86e6, 1, "LoRaD", 81.22e6, 18.99, 0.30, 0.64,
 
 @dataclass(frozen=True)
 class AdapterAblationRow:
-    """The adapter ablation (§6.2): student parameters, FID, and the direction mean change in percent."""
+    """The adapter ablation (LoRA / DoRA / DoRA with frozen norm / FT / LoRaD students): student parameters,
+    FID, and the direction mean change in percent."""
 
     trainable: float
     fid: float
@@ -74,7 +75,7 @@ ADAPTER_ABLATION: dict[str, AdapterAblationRow] = {
 
 @dataclass(frozen=True)
 class RankAblationRow:
-    """The student-rank ablation (§6.3, SD1.5, COCO-2014, fake rank 32)."""
+    """The student-rank ablation (SD1.5, COCO-2014, fake rank 32)."""
 
     trainable: float
     fid: float
