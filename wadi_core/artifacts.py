@@ -1,9 +1,14 @@
 """Cached artifacts: config hashing, atomic writes, safetensors checkpoints that know their config.
 
-Every expensive artifact (tiny CLIP, teacher, feature net, ...) is stored under the data directory as
-``<kind>-<hash>.safetensors`` where ``hash`` is the SHA-256 (first 12 hex digits) of the canonical JSON of the
-config that produced it. The config JSON travels inside the safetensors metadata, so a renamed or edited file
-is detected on load. Nothing in ``data/`` is ever unpickled.
+Every expensive artifact (tiny CLIP, teacher, feature net, students, teacher samples) is stored under the data
+directory as ``<kind>-<hash>.safetensors`` where ``hash`` is the SHA-256 (first 12 hex digits) of the canonical
+JSON of the config that produced it. The config JSON travels inside the safetensors metadata, so a renamed or
+edited file is detected on load. Nothing in ``data/`` is ever unpickled. :func:`load_or_train` is the one
+cache-or-train path behind every ``load_or_train_*``.
+
+``SHA256SUMS`` (``sha256sum`` format) beside the artifacts lists the SHA-256 of each file: a listed file whose
+bytes differ (a damaged download) is refused before it is loaded, and :func:`save_checkpoint` records every file
+it writes in the ``SHA256SUMS`` of the directory it writes to.
 
 Environment switches (set by ``make``/``python -m wadi_core.reproduce``):
 
@@ -19,23 +24,29 @@ Environment switches (set by ``make``/``python -m wadi_core.reproduce``):
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import pandas as pd
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+CHECKSUMS = "SHA256SUMS"  # ``sha256sum`` listing of the artifacts, one per data directory
+# The notebook that trains each kind of artifact (what a rebuild hint names).
+BUILT_BY = {"tiny_clip": "00", "teacher_unet": "00", "feature_net": "00", "student": "03"}
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 _WRITTEN_THIS_PROCESS: set[Path] = set()  # with WADI_FRESH=1, artifacts retrained by this run are reused
+_VERIFIED: dict[Path, tuple[int, int]] = {}  # file -> (size, mtime) whose bytes were checked against SHA256SUMS
 
 
 class ArtifactError(RuntimeError):
@@ -77,6 +88,26 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:12]
 
 
+def module_digest(module: torch.nn.Module) -> str:
+    """SHA-256 (first 16 hex digits) of a module's parameters and buffers (names, shapes, values): keys an
+    artifact on the exact weights it was derived from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, as ``sha256sum`` prints it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def artifact_path(kind: str, config: Any, suffix: str = ".safetensors") -> Path:
     return data_dir() / f"{kind}-{config_hash(config)}{suffix}"
 
@@ -102,17 +133,92 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# SHA256SUMS
+# --------------------------------------------------------------------------------------------------------------
+
+
+def read_checksums(folder: Path) -> dict[str, str]:
+    """``{file name: SHA-256}`` from ``folder/SHA256SUMS`` (``sha256sum`` format); ``{}`` when there is none."""
+    listing = Path(folder) / CHECKSUMS
+    if not listing.exists():
+        return {}
+    sums = {}
+    for line in listing.read_text().splitlines():
+        if line.strip():
+            digest, name = line.split(maxsplit=1)
+            sums[name.removeprefix("*")] = digest  # "*" marks binary mode in sha256sum's output
+    return sums
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` itself, so that processes writing artifacts there update SHA256SUMS in turn."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def record_checksum(path: Path) -> None:
+    """Write ``path``'s SHA-256 into the SHA256SUMS of its directory (created if needed), atomically."""
+    path = Path(path)
+    digest = file_sha256(path)
+    with _locked(path.parent):
+        sums = {**read_checksums(path.parent), path.name: digest}
+        atomic_write_text(path.parent / CHECKSUMS, "".join(f"{sums[name]}  {name}\n" for name in sorted(sums)))
+    _VERIFIED[path.resolve()] = _stamp(path)
+
+
+def verify_checksum(path: Path) -> None:
+    """Raise :class:`ArtifactError` when ``path`` is listed in its directory's SHA256SUMS with other bytes.
+
+    Files that are not listed pass. Each file is hashed once per process (again only if it changes on disk).
+    """
+    path = Path(path)
+    stamp = _stamp(path)
+    if _VERIFIED.get(path.resolve()) == stamp:
+        return
+    expected = read_checksums(path.parent).get(path.name)
+    if expected is not None and file_sha256(path) != expected:
+        raise ArtifactError(
+            f"{path} does not match its SHA-256 in {path.parent / CHECKSUMS}: the download is damaged. Restore it "
+            f"(`git checkout -- {path.name}` in its directory, or clone again), or {_rerun_hint(path)}"
+        )
+    _VERIFIED[path.resolve()] = stamp
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------------------
+
+
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], config: Any, **metadata: str) -> None:
-    """Atomically write ``tensors`` as safetensors, with the producing config and its hash as metadata."""
+    """Atomically write ``tensors`` as safetensors, with the producing config and its hash as metadata, and
+    record the file in the directory's SHA256SUMS."""
     meta = {"config": canonical_json(config), "config_hash": config_hash(config), **metadata}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+    record_checksum(path)
     _WRITTEN_THIS_PROCESS.add(Path(path).resolve())
 
 
-def _rerun_hint(what: str) -> str:
-    return f"rebuild it with `FRESH=1 make reproduce ONLY=00` (or `python -m wadi_core.reproduce --fresh --only 00`) [{what}]"
+def _rerun_hint(path: Path) -> str:
+    """How to rebuild the artifact at ``path``: the notebook that trains its kind (:data:`BUILT_BY`)."""
+    name = Path(path).name
+    notebook = BUILT_BY.get(name.rpartition("-")[0])
+    if notebook is None:
+        return f"re-create it with `make reproduce`, which derives missing caches (delete a damaged one) [{name}]"
+    return (f"rebuild it with `FRESH=1 make reproduce ONLY={notebook}` "
+            f"(or `python -m wadi_core.reproduce --fresh --only {notebook}`) [{name}]")
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -120,25 +226,27 @@ def read_metadata(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as handle:
             return dict(handle.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
-        raise ArtifactError(f"{path} is not a readable safetensors file ({err}); {_rerun_hint(path.name)}") from err
+        raise ArtifactError(f"{path} is not a readable safetensors file ({err}); {_rerun_hint(path)}") from err
 
 
 def load_checkpoint(path: Path, config: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load a checkpoint written by :func:`save_checkpoint`, checking that ``config`` produced it."""
+    """Load a checkpoint written by :func:`save_checkpoint`, checking its SHA256SUMS entry and that ``config``
+    produced it."""
     path = Path(path)
     if not path.exists():
-        raise ArtifactError(f"missing artifact {path}; {_rerun_hint(path.name)}")
+        raise ArtifactError(f"missing artifact {path}; {_rerun_hint(path)}")
+    verify_checksum(path)
     meta = read_metadata(path)
     expected = config_hash(config)
     if meta.get("config_hash") != expected or config_hash(json.loads(meta.get("config", "null"))) != expected:
         raise ArtifactError(
             f"{path} was produced by config hash {meta.get('config_hash')!r}, but the current config hashes to "
-            f"{expected!r}; {_rerun_hint(path.name)}"
+            f"{expected!r}; {_rerun_hint(path)}"
         )
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise ArtifactError(f"{path} failed to load ({err}); {_rerun_hint(path.name)}") from err
+        raise ArtifactError(f"{path} failed to load ({err}); {_rerun_hint(path)}") from err
     return tensors, meta
 
 
@@ -163,26 +271,40 @@ def training_allowed(kind: str, path: Path) -> None:
     """Raise when ``WADI_NO_TRAIN=1`` forbids training the missing artifact ``kind`` at ``path``."""
     if os.environ.get("WADI_NO_TRAIN", "0") not in ("", "0", "false", "False"):
         raise ArtifactError(f"{kind} is not cached at {path} and WADI_NO_TRAIN=1 forbids training it; "
-                            + _rerun_hint(path.name))
+                            + _rerun_hint(path))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Trained models
+# --------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class TrainedModel:
-    """A model with its training log and whether it was just trained (False: loaded from ``data/``)."""
+    """What every ``load_or_train_*`` returns: a model in eval mode, its training log and its provenance."""
 
     model: torch.nn.Module
-    log: dict[str, list[float]]
-    trained: bool
+    log: pd.DataFrame  # one row per training step; ``step`` first, then the curves by name
+    trained: bool  # True: trained by this call; False: loaded from the data directory
     path: Path
+    config: Any = None  # the recipe that produced the model (a profile's train config, a student's VSDConfig)
+    metadata: dict[str, str] = field(default_factory=dict)  # the checkpoint's safetensors metadata
+    label: str = ""  # what :meth:`status` calls the model; default: its class name
+    tokenizer: Any = None  # the tokenizer trained with the model (the tiny CLIP's); None for the other kinds
+
+    @property
+    def trainable_parameters(self) -> int:
+        """Parameters with ``requires_grad`` (a student's adapter tensors; 0 for the frozen teacher)."""
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     def status(self) -> str:
         verb = "trained now and saved as" if self.trained else "loaded from the cache"
-        return f"{type(self.model).__name__}: {verb} {self.path.name}"
+        return f"{self.label or type(self.model).__name__}: {verb} {self.path.name}"
 
 
-def log_tensors(log: dict[str, list[float]]) -> dict[str, torch.Tensor]:
+def log_tensors(log: Mapping[str, Sequence[float]] | pd.DataFrame) -> dict[str, torch.Tensor]:
     """Training curves as ``log.<name>`` float64 tensors, stored beside the weights in one checkpoint."""
-    return {f"log.{k}": torch.tensor(v, dtype=torch.float64) for k, v in log.items()}
+    return {f"log.{k}": torch.tensor(pd.Series(v).tolist(), dtype=torch.float64) for k, v in dict(log).items()}
 
 
 def split_log(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:
@@ -192,8 +314,80 @@ def split_log(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
     return weights, log
 
 
-def load_weights_strict(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as err:
-        raise ArtifactError(f"{path} does not match its model config ({err}); {_rerun_hint(path.name)}") from err
+def _log_frame(log: Mapping[str, Sequence[float]] | pd.DataFrame) -> pd.DataFrame:
+    """The log as a DataFrame, the same on both paths of :func:`load_or_train`: integer ``step`` first, then
+    the other curves sorted by name."""
+    frame = pd.DataFrame(dict(log))
+    frame = frame[[c for c in ("step",) if c in frame] + sorted(c for c in frame if c != "step")]
+    return frame.astype({"step": int}) if "step" in frame else frame
+
+
+def checkpoint_tensors(model: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores of ``model``: its state dict, or only the parameters with ``requires_grad``."""
+    if trainable_only:
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    return model.state_dict()
+
+
+def load_weights_strict(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path,
+                        trainable_only: bool = False) -> None:
+    """Copy ``weights`` into ``model``; every tensor of :func:`checkpoint_tensors` must be there, with its shape."""
+    if not trainable_only:
+        try:
+            model.load_state_dict(weights, strict=True)
+        except RuntimeError as err:
+            raise ArtifactError(f"{path} does not match its model config ({err}); {_rerun_hint(path)}") from err
+        return
+    targets = checkpoint_tensors(model, trainable_only=True)
+    wrong = sorted(set(targets) ^ set(weights)) or sorted(n for n in targets if targets[n].shape != weights[n].shape)
+    if wrong:
+        raise ArtifactError(f"{path}: the stored parameters do not match the model its config builds "
+                            f"({len(wrong)} differ, e.g. {wrong[0]!r}); {_rerun_hint(path)}")
+    with torch.no_grad():
+        for name, target in targets.items():
+            target.copy_(weights[name])
+
+
+def load_or_train(
+    kind: str,
+    key: Any,
+    build: Callable[[dict[str, str]], torch.nn.Module],
+    train: Callable[[], tuple[torch.nn.Module, Mapping[str, Sequence[float]] | pd.DataFrame, dict[str, str]]],
+    *,
+    config: Any = None,
+    label: str = "",
+    trainable_only: bool = False,
+) -> TrainedModel:
+    """The artifact ``kind`` of ``key``: loaded from the data directory when cached, else trained and saved.
+
+    Args:
+        kind: the file's prefix, ``<data dir>/<kind>-<config_hash(key)>.safetensors``.
+        key: everything that determines the artifact (configs, upstream digests); its hash names the file.
+        build: ``build(metadata) -> model``, an untrained model of the architecture the checkpoint's metadata
+            records; the stored weights are loaded into it.
+        train: ``train() -> (model, log, metadata)``: the trained model, its training curves (equal-length
+            columns) and the string metadata ``build`` needs, stored in the checkpoint.
+        config: the recipe reported as :attr:`TrainedModel.config` (default: ``key``).
+        label: what :meth:`TrainedModel.status` and the errors call the model (default: its class name).
+        trainable_only: store only the parameters with ``requires_grad`` (a student's adapters) instead of the
+            whole state dict; ``build`` must then return the frozen base with those parameters trainable.
+
+    Raises:
+        ArtifactError: the artifact is not cached and ``WADI_NO_TRAIN=1`` forbids training it, or the cached file
+            is damaged (SHA256SUMS), corrupt, or from another config; the message names the notebook to rerun.
+    """
+    path = cached(kind, key)
+    trained = path is None
+    if not trained:
+        tensors, metadata = load_checkpoint(path, key)
+        weights, log = split_log(tensors)
+        model = build(metadata)
+        load_weights_strict(model, weights, path, trainable_only)
+    else:
+        path = artifact_path(kind, key)
+        training_allowed(label or kind, path)
+        model, log, extra = train()
+        save_checkpoint(path, {**checkpoint_tensors(model, trainable_only), **log_tensors(log)}, key, **extra)
+        metadata = read_metadata(path)
+    return TrainedModel(model.eval(), _log_frame(log), trained, path, config=key if config is None else config,
+                        metadata=metadata, label=label)
