@@ -1,4 +1,4 @@
-"""Paper backbones: architecture configs give the paper's parameter and layer counts (WADI_PAPER.md §3.2–§3.3).
+"""Paper backbones: architecture configs give the paper's parameter and layer counts (WaDi Table 1).
 
 Everything is built on the ``meta`` device (no weights, no memory) and no test touches the network.
 """
@@ -11,9 +11,9 @@ import huggingface_hub.constants
 import pytest
 import torch
 
+from wadi_core.adapters.inject import UNET_BLOCK_PREFIXES
 from wadi_core.backbones.paper import (
     PAPER_BACKBONES,
-    UNET_BLOCK_PREFIXES,
     build_meta_model,
     count_linear_layers,
     count_parameters,
@@ -21,7 +21,7 @@ from wadi_core.backbones.paper import (
     load_paper_backbone,
 )
 
-# name -> (parameters, student-rule Linears); WADI_PAPER.md §3.3 "Backbone" column and Linear counts.
+# name -> (parameters, Linears adapted by the official student rule); Table 1's "#Params" column.
 EXPECTED = {
     "sd15": (859_520_964, 182),
     "sd21-base": (865_910_724, 214),

@@ -1,13 +1,13 @@
-"""The paper's backbones: SD1.5, SD2.1-base and PixArt-α 256 (``paper`` profile, DESIGN.md §2).
+"""The paper's backbones: SD1.5, SD2.1-base and PixArt-α 256 (``paper`` profile).
 
 Two ways in, one config each:
 
 - :func:`build_meta_model` instantiates the denoiser from its hub ``config.json`` (bundled verbatim in
   ``data/model_configs``) on the ``meta`` device: no weights, no memory, no network. This is what the parameter
-  and layer counts of WADI_PAPER.md §3.2–§3.3 are computed from (:func:`count_parameters`,
+  and layer counts of WaDi's Table 1 are computed from (:func:`count_parameters`,
   :func:`count_linear_layers`).
 - :func:`load_paper_backbone` loads the real weights, text encoder, tokenizer and DDPM scheduler from the model
-  hub for a GPU run, as the official ``train_dkd_sd.py`` / ``train_dkd_dit.py`` do (WADI_PAPER.md §4.2).
+  hub for a GPU run, as the official ``train_dkd_sd.py`` / ``train_dkd_dit.py`` do.
 
 Counts on the meta device (diffusers 0.42.1), checked by ``tests/test_paper_backbones.py``:
 
@@ -31,8 +31,6 @@ import torch
 import transformers
 from torch import nn
 
-from ..adapters.inject import UNET_BLOCK_PREFIXES  # top-level modules whose Linears the SD student adapts
-
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "data" / "model_configs"
 
 # transformers 5 returns a near-empty tokenizer (a few special tokens) instead of raising when the vocabulary
@@ -42,7 +40,7 @@ _MIN_TOKENIZER_SIZE = 1_000
 
 @dataclass(frozen=True)
 class PaperBackboneSpec:
-    """Where a paper backbone lives on the model hub and how WaDi adapts it (WADI_PAPER.md §3.3, §4.2)."""
+    """Where a paper backbone lives on the model hub and how WaDi adapts it (the official ``register_hooks``)."""
 
     hub_id: str  # repository of the denoiser weights
     subfolder: str  # the denoiser's folder in ``hub_id``
@@ -135,7 +133,7 @@ def build_meta_model(name: str) -> nn.Module:
     """Instantiate the denoiser of ``name`` on the ``meta`` device: exact architecture, no weights, no memory.
 
     Parameters and buffers are all created under ``torch.device("meta")``; the model can be inspected and
-    counted (WADI_PAPER.md §3.3) but not run.
+    counted (WaDi Table 1) but not run.
     """
     model_class = getattr(diffusers, get_spec(name).model_class)
     config = load_config(name)
@@ -144,7 +142,7 @@ def build_meta_model(name: str) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Total number of parameters (buffers excluded), as in the "Backbone" column of WADI_PAPER.md §3.3."""
+    """Total number of parameters (buffers excluded), as in the "#Params" column of WaDi's Table 1."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -153,8 +151,9 @@ def count_linear_layers(model: nn.Module, prefixes: tuple[str, ...] | None = Non
 
     Args:
         model: the model to inspect.
-        prefixes: qualified-name prefixes, e.g. :data:`UNET_BLOCK_PREFIXES` for the SD student rule of
-            WADI_PAPER.md §3.2; a module counts when its name equals a prefix or starts with ``prefix + "."``.
+        prefixes: qualified-name prefixes, e.g. :data:`wadi_core.adapters.inject.UNET_BLOCK_PREFIXES` for the SD
+            student rule (the official ``register_hooks``); a module counts when its name equals a prefix or
+            starts with ``prefix + "."``.
             ``None`` counts every Linear (the PixArt student rule).
 
     Returns:
@@ -170,10 +169,10 @@ def count_linear_layers(model: nn.Module, prefixes: tuple[str, ...] | None = Non
 def load_paper_backbone(name: str, device: str = "cuda", dtype: torch.dtype = torch.float16) -> PaperBackbone:
     """Load the real weights of a paper backbone from the model hub (``paper`` profile).
 
-    Mirrors the official scripts (WADI_PAPER.md §4.2, §4.5): the denoiser in ``dtype`` from ``spec.hub_id``;
-    text encoder, tokenizer, VAE and a ``DDPMScheduler`` (built from the repository's ``scheduler`` config)
-    from ``spec.components_hub_id``. Models are frozen and in eval mode. With ``HF_HUB_OFFLINE=1`` only the
-    local cache is read, so the call fails fast instead of waiting on the network.
+    Mirrors the official scripts (``train_dkd_sd.py``, ``infer_sd_model.py``): the denoiser in ``dtype`` from
+    ``spec.hub_id``; text encoder, tokenizer, VAE and a ``DDPMScheduler`` (built from the repository's
+    ``scheduler`` config) from ``spec.components_hub_id``. Models are frozen and in eval mode. With
+    ``HF_HUB_OFFLINE=1`` only the local cache is read, so the call fails fast instead of waiting on the network.
 
     Args:
         name: one of :data:`PAPER_BACKBONES`.

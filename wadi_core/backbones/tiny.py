@@ -36,7 +36,7 @@ from ..artifacts import (
     split_log,
     training_allowed,
 )
-from ..distill.losses import one_step_x0
+from ..diffusion import one_step_x0
 from ..optim import cosine_lr, set_lr
 from ..profiles import ClipTrainConfig, Profile, TeacherTrainConfig, WorldConfig
 from ..world import ShapesDataset, make_split
@@ -309,7 +309,7 @@ class TinyBackbone:
     def one_step(self, prompts: list[str], seed: int) -> torch.Tensor:
         """The teacher's own one-step image (what a VSD student is at init), in [0, 1] (B, 3, H, W).
 
-        :func:`wadi_core.distill.one_step_x0` on z ~ N(0, I) drawn from ``seed``: x0 = (z − σ_T ε̂)/α_T, so any
+        :func:`wadi_core.diffusion.one_step_x0` on z ~ N(0, I) drawn from ``seed``: x0 = (z − σ_T ε̂)/α_T, so any
         ε̂ error is amplified by 1/α_T (14.6 with SD1.5's schedule; WADI_PAPER.md §4.1).
         """
         size, channels = self.unet.config.sample_size, self.unet.config.in_channels

@@ -2,6 +2,7 @@
 (:mod:`.losses`), the run configuration (:mod:`.config`), the loop (:mod:`.vsd`) and the cached tiny-world
 students (:mod:`.students`)."""
 
+from ..diffusion import one_step_x0
 from .config import MIXED_PRECISION, VSDConfig
 from .losses import (
     GENERATOR_REDUCTIONS,
@@ -9,7 +10,6 @@ from .losses import (
     cfg_epsilon,
     fake_score_loss,
     generator_loss,
-    one_step_x0,
     timestep_bounds,
 )
 

@@ -1,4 +1,4 @@
-"""The VSD objective of WaDi as pure functions (DESIGN.md §4 "VSD", WADI_PAPER.md §4.1).
+"""The VSD objective of WaDi as pure functions (WaDi §3.3; the official ``train_dkd_sd.py`` training loop).
 
 SwiftBrush-style, image-free variational score distillation: a one-step student maps noise to x0, a frozen
 real score (the teacher) and a trainable fake score (tracking the student's distribution) are queried at a
@@ -22,6 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+
+from ..diffusion import one_step_x0  # noqa: F401
 
 # Reductions of the generator surrogate loss (see :func:`generator_loss`).
 GENERATOR_REDUCTIONS = ("mean", "sum_pixels")
@@ -62,26 +64,6 @@ def timestep_bounds(scheduler: DDPMScheduler, t_range: tuple[float, float]) -> t
     return low, high
 
 
-def one_step_x0(
-    unet: torch.nn.Module, z: torch.Tensor, encoder_hidden_states: torch.Tensor, scheduler: DDPMScheduler
-) -> torch.Tensor:
-    """The student's one-step sample (DESIGN.md §4, WADI_PAPER.md §4.1 step 1).
-
-    t = T−1, ε̂ = unet(z, t, c), x0 = (z − σ_T ε̂) / α_T with α_T² = ᾱ_{T−1} taken from ``scheduler`` (the
-    official code hard-codes 0.0047; SD1.5's true value is 0.00466). The result is **not** clamped: clamping
-    would zero the generator gradient wherever the sample leaves [−1, 1] (VSD_NOTES.md).
-    """
-    # 1. The last training timestep, one per sample.
-    t_last = _num_timesteps(scheduler) - 1
-    t = torch.full((z.shape[0],), t_last, dtype=torch.long, device=z.device)  # (B,)
-    # 2. α_T, σ_T from the scheduler's ᾱ (fp32 there; cast to z's dtype).
-    alpha_bar = scheduler.alphas_cumprod[t_last].to(device=z.device, dtype=z.dtype)
-    alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-    # 3. ε-prediction at (z, T−1) and the x0 reparameterisation.
-    eps = unet(z, t, encoder_hidden_states=encoder_hidden_states).sample  # (B, C, H, W)
-    return (z - sigma * eps) / alpha  # (B, C, H, W)
-
-
 def cfg_epsilon(
     unet: torch.nn.Module,
     x_t: torch.Tensor,
@@ -90,7 +72,7 @@ def cfg_epsilon(
     null: torch.Tensor,
     guidance_scale: float,
 ) -> torch.Tensor:
-    """Classifier-free-guided ε̂ = ε̂(∅) + g·(ε̂(c) − ε̂(∅)) from one batched call (WADI_PAPER.md §4.1 step 2).
+    """Classifier-free-guided ε̂ = ε̂(∅) + g·(ε̂(c) − ε̂(∅)) from one batched call (WaDi §3.3).
 
     The unconditional input is the empty prompt "" (``null``), as in the official code. ``t`` is (B,) or a
     scalar. Gradients flow if the caller enables them; :func:`generator_loss` calls it under ``no_grad``.
@@ -120,7 +102,7 @@ def generator_loss(
     reduction: str = "mean",
     normalize: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """VSD surrogate loss of the student (DESIGN.md §4, WADI_PAPER.md §4.1 step 2).
+    """VSD surrogate loss of the student (WaDi §3.3; ``train_dkd_sd.py``, the student step).
 
     t ~ U{⌊0.02T⌋, …, ⌊0.981T⌋−1} per sample, ε ~ N(0, I), x_t = add_noise(x0, ε, t); ε_real and ε_fake both
     with CFG at ``guidance_scale`` (paper 1.5) and without gradients; g_t = σ_t²·(ε_real − ε_fake) with
@@ -195,7 +177,7 @@ def fake_score_loss(
     null_dropout: float = 0.1,
     null_dropout_mode: str = "batch",
 ) -> torch.Tensor:
-    """Denoising loss of the fake score on the student's detached samples (WADI_PAPER.md §4.1 step 3).
+    """Denoising loss of the fake score on the student's detached samples (WaDi §3.3; ``train_dkd_sd.py``).
 
     t ~ U{0, …, T−1} per sample, fresh ε, x_t from stopgrad(x0), null-prompt dropout with probability
     ``null_dropout``, loss = MSE(α_t ε̂_fake(x_t, t, c), α_t ε) with α_t = √ᾱ_t per sample (ε-MSE weighted by
