@@ -1,5 +1,5 @@
-"""Trainable-parameter counts of Table 1 and of the student-rank ablation, from the meta-device configs
-(WADI_PAPER.md §3.3, §6.1, §6.3): exact integers, no weights."""
+"""Trainable-parameter counts of WaDi's Table 1 and of its student-rank ablation, from the meta-device configs
+and the official layer rule (``register_hooks``): exact integers, no weights."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ PAPER_COUNTS: tuple[tuple[str, str, str, int, str, tuple[str, ...], float | None
     ("Table 1: WaDi on SD1.5", "sd15", "lorad", 256, "student", (), 83.80),
     ("Table 1: WaDi on SD2.1", "sd21-base", "lorad", 256, "student", (), 94.43),
     ("Table 1: WaDi on PixArt-α (student rule)", "pixart-alpha-256", "lorad", 128, "student", (), 81.22),
-    ("PixArt-α without the 3 adaln_single Linears", "pixart-alpha-256", "lorad", 128, "student", ("adaln_single",), 81.22),
+    ("PixArt-α without the 3 adaln_single Linears", "pixart-alpha-256", "lorad", 128, "student", ("adaln_single",),
+     81.22),
     ("Rank ablation A: r=64", "sd15", "lorad", 64, "student", (), 20.95),
     ("Rank ablation B: r=128", "sd15", "lorad", 128, "student", (), 41.90),
     ("Rank ablation C: r=256", "sd15", "lorad", 256, "student", (), 83.80),

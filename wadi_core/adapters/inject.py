@@ -1,14 +1,17 @@
-"""Which layers get an adapter, and the model-level operations on them (WADI_PAPER.md §3.2–§3.3, DESIGN.md §4).
+"""Which layers get an adapter, and the model-level operations on them (WaDi §3.2–§3.3).
 
-Layer selection (WADI_PAPER.md §3.2):
+Layer selection (the official ``train_dkd_sd.py`` / ``train_dkd_dit.py``, ``register_hooks`` for the student and
+``register_hooks_teacher`` for the fake score):
 
-| model | ``rule="student"`` | ``rule="fake"`` |
-|---|---|---|
-| SD U-Net (has ``down_blocks``) | every ``nn.Linear`` under ``down_blocks`` / ``mid_block`` / ``up_blocks`` | the same minus names containing ``proj_in``, ``proj_out``, ``time_emb_proj`` |
-| PixArt transformer | every ``nn.Linear`` of the model (``adaln_single``, ``caption_projection``, ``proj_out`` included) | only Linears inside ``transformer_blocks``, same skip list |
+- SD U-Net (has ``down_blocks``): ``rule="student"`` adapts every ``nn.Linear`` under ``down_blocks`` /
+  ``mid_block`` / ``up_blocks``; ``rule="fake"`` the same minus names containing ``proj_in``, ``proj_out``,
+  ``time_emb_proj``.
+- PixArt transformer: ``rule="student"`` adapts every ``nn.Linear`` of the model (``adaln_single``,
+  ``caption_projection``, ``proj_out`` included); ``rule="fake"`` only Linears inside ``transformer_blocks``,
+  with the same skip list.
 
 ``exclude`` drops further layers by name substring: ``exclude=("adaln_single",)`` on PixArt-α gives the paper's
-81.22M trainable parameters instead of the code's 82.56M (WADI_PAPER.md §3.3).
+81.22M trainable parameters (Table 1) instead of the code's 82.56M.
 
 Typical use::
 
@@ -16,6 +19,7 @@ Typical use::
     ...train...
     save_adapters(unet, "student.safetensors")          # adapter tensors + {method, rank, rule, alpha}
     merge(unet)                                         # plain nn.Linear again: unet.state_dict() is vanilla
+    vanilla = merged_copy(unet)                         # or: a merged deep copy, the adapted model untouched
 
 ``merge(model, remove=False)`` keeps the adapter modules (merged, running the plain Linear) so that
 :func:`unmerge` can undo it; :func:`remove` drops the adapters and restores the original weights.
@@ -23,6 +27,7 @@ Typical use::
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,8 +44,8 @@ from .lorad import LoRaDLinear
 
 METHODS = ("lorad", "lora", "dora", "dora_frozen_norm", "full")
 RULES = ("student", "fake")
-UNET_BLOCK_PREFIXES = ("down_blocks", "mid_block", "up_blocks")  # the SD student rule (WADI_PAPER.md §3.2)
-FAKE_SKIP = ("proj_in", "proj_out", "time_emb_proj")  # fake-score rule skips these (WADI_PAPER.md §3.2)
+UNET_BLOCK_PREFIXES = ("down_blocks", "mid_block", "up_blocks")  # the SD student rule (``register_hooks``)
+FAKE_SKIP = ("proj_in", "proj_out", "time_emb_proj")  # the fake-score rule skips these (``register_hooks_teacher``)
 ADAPTER_TYPES = (LoRaDLinear, LoRALinear, DoRALinear)
 _CONFIG_ATTR = "_wadi_adapter_config"
 _FORMAT = "wadi-adapters"
@@ -51,8 +56,8 @@ class AdapterConfig:
     """How :func:`inject` adapted a model; stored on the model and in the metadata of :func:`save_adapters`."""
 
     method: str  # one of METHODS; "full" = every parameter trainable, no adapter modules (SwiftBrush/FT)
-    rank: int  # r; paper: student 256 (SD) / 128 (PixArt), fake score 32 (WADI_PAPER.md §3.3); unused by "full"
-    rule: str = "student"  # one of RULES (WADI_PAPER.md §3.2)
+    rank: int  # r; official code: student 256 (SD) / 128 (PixArt), fake score 32; unused by "full"
+    rule: str = "student"  # one of RULES
     alpha: float | None = None  # LoRA/DoRA α (scale α/r); None means α = r; must be None for "lorad" and "full"
     exclude: tuple[str, ...] = ()  # extra name substrings to leave unadapted, e.g. ("adaln_single",)
 
@@ -83,7 +88,7 @@ def _model_kind(model: nn.Module) -> str:
 
 
 def select_layers(model: nn.Module, rule: str = "student", exclude: tuple[str, ...] = ()) -> list[str]:
-    """Names of the ``nn.Linear`` modules that ``rule`` adapts (WADI_PAPER.md §3.2), sorted."""
+    """Names of the ``nn.Linear`` modules that ``rule`` adapts (the official ``register_hooks``), sorted."""
     if rule not in RULES:
         raise ValueError(f"unknown layer rule {rule!r}; choose one of {', '.join(RULES)}")
     kind = _model_kind(model)
@@ -123,7 +128,7 @@ def adapter_config(model: nn.Module) -> AdapterConfig | None:
 
 def inject(model: nn.Module, method: str, rank: int, rule: str = "student", alpha: float | None = None,
            exclude: tuple[str, ...] = ()) -> list[str]:
-    """Add adapters to ``model`` in place and freeze everything else (DESIGN.md §4; WADI_PAPER.md §3.2).
+    """Add adapters to ``model`` in place and freeze everything else (WaDi §3.2; ``register_hooks``).
 
     Each selected ``nn.Linear`` is replaced by a :class:`LoRaDLinear` (``"lorad"``), :class:`LoRALinear`
     (``"lora"``) or :class:`DoRALinear` (``"dora"``, ``"dora_frozen_norm"``) wrapping it, with adapter tensors on
@@ -162,12 +167,13 @@ def inject(model: nn.Module, method: str, rank: int, rule: str = "student", alph
 
 
 def count_trainable(model: nn.Module) -> int:
-    """Number of parameters with ``requires_grad`` (the "trainable params" of WADI_PAPER.md §3.3, Table 1)."""
+    """Number of parameters with ``requires_grad`` (the "trainable params" of WaDi's Table 1)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def merge(model: nn.Module, remove: bool = True, safe_merge: bool = False) -> list[str]:
-    """Write every adapter into its base weight (merged inference costs nothing extra, WADI_PAPER.md §3.5).
+    """Write every adapter into its base weight (merged inference costs nothing extra; the official
+    ``infer_sd_model.py`` loads such a merged ``rotated_unet`` state dict).
 
     Args:
         model: a model after :func:`inject`.
@@ -191,6 +197,21 @@ def merge(model: nn.Module, remove: bool = True, safe_merge: bool = False) -> li
             _replace(model, name, module.base_layer)
         _forget_config(model)
     return list(modules)
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every adapter merged into a plain ``nn.Linear`` (:func:`merge` with
+    ``remove=True``): its state dict has the vanilla model's layout. ``model`` itself is untouched."""
+    merged = copy.deepcopy(model)
+    merge(merged, remove=True)
+    return merged
+
+
+def linear_weight_share(model: nn.Module, rule: str = "student") -> float:
+    """Share of all parameters of ``model`` held by the weights of the Linears that ``rule`` adapts: what LoRaD
+    can rotate (in SD1.5 the adapted Linears hold 270M of 860M parameters; no convolution is adapted)."""
+    adapted = sum(model.get_submodule(name).weight.numel() for name in select_layers(model, rule))
+    return adapted / sum(p.numel() for p in model.parameters())
 
 
 def unmerge(model: nn.Module) -> list[str]:
@@ -238,7 +259,8 @@ def _require_adapters(model: nn.Module, action: str) -> AdapterConfig:
         )
     merged = [name for name, module in adapter_modules(model).items() if module.merged]
     if merged:
-        raise ValueError(f"cannot {action}: {len(merged)} adapters are merged (e.g. {merged[0]!r}); unmerge(model) first")
+        raise ValueError(f"cannot {action}: {len(merged)} adapters are merged (e.g. {merged[0]!r}); "
+                         "unmerge(model) first")
     return config
 
 
@@ -260,7 +282,8 @@ def _copy_into(targets: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
         )
     for key, target in targets.items():
         if tuple(state[key].shape) != tuple(target.shape):
-            raise ValueError(f"{source}: {key} has shape {tuple(state[key].shape)}, the adapter expects {tuple(target.shape)}")
+            raise ValueError(f"{source}: {key} has shape {tuple(state[key].shape)}, "
+                             f"the adapter expects {tuple(target.shape)}")
     with torch.no_grad():
         for key, target in targets.items():
             target.copy_(state[key])
@@ -299,7 +322,7 @@ def load_official_thetas(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
     The official training code (``train_dkd_sd.py``) names them ``<module>.theta_a`` / ``<module>.theta_b``
     with the vanilla model's module names, e.g.
-    ``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.theta_a`` (DESIGN.md §4) — the same names
+    ``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.theta_a`` — the same names
     :func:`save_adapters` uses. ``state`` must hold exactly those of the injected layers.
 
     Raises:

@@ -12,7 +12,6 @@ from ..profiles import Profile, get_profile
 from .tiny import (
     TinyBackbone,
     encode_prompts,
-    linear_weight_share,
     load_or_train_teacher,
     load_or_train_tiny_clip,
     load_tiny_backbone,

@@ -364,17 +364,6 @@ def sample_ddim(
     return torch.cat(out)
 
 
-def linear_weight_share(model: torch.nn.Module, prefixes: tuple[str, ...] = ("down_blocks", "mid_block", "up_blocks")) -> float:
-    """Share of all parameters held by ``nn.Linear`` weights under ``prefixes`` (what LoRaD can rotate;
-    31 % in SD1.5, WADI_PAPER.md §3.2)."""
-    linear = sum(
-        module.weight.numel()
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.split(".")[0] in prefixes
-    )
-    return linear / sum(p.numel() for p in model.parameters())
-
-
 def load_tiny_backbone(profile: Profile) -> TinyBackbone:
     """Load (or, on a fresh machine, train) the tiny CLIP and teacher of ``profile``."""
     clip, tokenizer = load_or_train_tiny_clip(profile)
