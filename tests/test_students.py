@@ -9,7 +9,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from wadi_core import artifacts
-from wadi_core.adapters import adapter_config, count_trainable
+from wadi_core.adapters import adapter_config, adapter_modules, count_trainable, merged_copy
 from wadi_core.backbones import load_tiny_backbone
 from wadi_core.distill import (
     STUDENT_METHODS,
@@ -20,6 +20,7 @@ from wadi_core.distill import (
     prompt_embeddings,
     student_config,
 )
+from wadi_core.distill.vsd import LOG_COLUMNS
 from wadi_core.profiles import get_profile
 
 
@@ -53,7 +54,8 @@ def test_student_config_takes_method_rank_and_lr_from_the_profile():
     assert set(lrs) == set(STUDENT_METHODS)
     wadi = student_config(distill, "lorad")
     assert (wadi.student_method, wadi.student_rank, wadi.student_lr) == ("lorad", distill.student_rank, lrs["lorad"])
-    assert (wadi.fake_method, wadi.fake_rank, wadi.fake_lr) == (distill.fake_method, distill.fake_rank, distill.fake_lr)
+    fake = (distill.fake_method, distill.fake_rank, distill.fake_lr)
+    assert (wadi.fake_method, wadi.fake_rank, wadi.fake_lr) == fake
     assert student_config(distill, "lora").student_rank == distill.baseline_rank
     assert student_config(distill, "lorad", rank=5).student_rank == 5
     assert student_config(distill, "full").student_lr == lrs["full"]
@@ -104,6 +106,43 @@ def test_another_recipe_is_not_silently_loaded_or_trained(smoke, env):
         load_or_train_student(profile, backbone, "lorad", student_lr=5e-4, progress=False)
 
 
+def test_student_is_a_trained_model_with_its_recipe(smoke):
+    profile, _, trained, _ = smoke
+    assert isinstance(trained, artifacts.TrainedModel)
+    assert trained.config == student_config(profile.distill, "lorad")
+    assert trained.status() == f"lorad student: trained now and saved as {trained.path.name}"
+    assert list(trained.log.columns)[0] == "step" and set(trained.log.columns) == set(LOG_COLUMNS)
+
+
+def test_a_corrupt_or_damaged_student_names_notebook_03(smoke, env, tmp_path):
+    profile, backbone, trained, _ = smoke
+    env.setenv("WADI_DATA_DIR", str(tmp_path))
+    copy = tmp_path / trained.path.name
+    copy.write_bytes(trained.path.read_bytes()[:100])
+    with pytest.raises(artifacts.ArtifactError, match="readable safetensors.*ONLY=03"):
+        load_or_train_student(profile, backbone, "lorad", progress=False)
+    damaged = bytearray(trained.path.read_bytes())
+    damaged[-1] ^= 1  # one bit of the last tensor; the header still parses
+    copy.write_bytes(bytes(damaged))
+    (tmp_path / artifacts.CHECKSUMS).write_text(f"{artifacts.file_sha256(trained.path)}  {copy.name}\n")
+    with pytest.raises(artifacts.ArtifactError, match="download is damaged.*ONLY=03"):
+        load_or_train_student(profile, backbone, "lorad", progress=False)
+
+
+def test_merged_copy_is_a_plain_unet_and_leaves_the_student_alone(smoke, env):
+    _, backbone, trained, _ = smoke
+    before = {name: tensor.clone() for name, tensor in trained.model.state_dict().items()}
+    merged = merged_copy(trained.model)
+    assert adapter_config(merged) is None and not adapter_modules(merged)
+    assert set(merged.state_dict()) == set(backbone.unet.state_dict())
+    assert adapter_config(trained.model) is not None and adapter_modules(trained.model)
+    assert trained.model.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[name], tensor) for name, tensor in trained.model.state_dict().items())
+    prompts = ["a yellow square", "a red circle left of a blue triangle"]
+    torch.testing.assert_close(one_step_generate(merged, backbone, prompts, seed=1),
+                               one_step_generate(trained.model, backbone, prompts, seed=1), rtol=1e-4, atol=1e-5)
+
+
 def test_one_step_generation_at_identity_is_the_teachers_one_step_image(smoke, env):
     profile, backbone, trained, _ = smoke
     prompts = ["a red circle", "a small blue square", "a green triangle", ""]
@@ -149,4 +188,5 @@ def test_prompt_embeddings_are_cached_and_equal(smoke, env):
 def test_student_hash_changes_with_the_recipe():
     distill = get_profile("smoke").distill
     other = dataclasses.replace(distill, fake_updates_per_step=1)
-    assert artifacts.config_hash(student_config(distill, "lorad")) != artifacts.config_hash(student_config(other, "lorad"))
+    hashes = {artifacts.config_hash(student_config(recipe, "lorad")) for recipe in (distill, other)}
+    assert len(hashes) == 2

@@ -6,9 +6,21 @@ import pytest
 import torch
 
 from wadi_core import artifacts
+from wadi_core.adapters import linear_weight_share
 from wadi_core.backbones import load_backbone, make_scheduler, sample_ddim
-from wadi_core.backbones.tiny import TinyBackbone, cosine_lr, load_or_train_teacher, load_or_train_tiny_clip, text_encoder_from_clip
+from wadi_core.backbones.tiny import (
+    TinyBackbone,
+    _tokenizer_files,
+    _tokenizer_from_files,
+    cosine_lr,
+    load_or_train_teacher,
+    load_or_train_tiny_clip,
+    text_encoder_from_clip,
+    tokenize,
+    train_tokenizer,
+)
 from wadi_core.profiles import get_profile
+from wadi_core.world import make_split
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +32,9 @@ def smoke_models(tmp_path_factory):
         mp.delenv("WADI_FRESH", raising=False)
         mp.delenv("WADI_NO_TRAIN", raising=False)
         profile = get_profile("smoke")
-        clip, tokenizer = load_or_train_tiny_clip(profile)
-        teacher = load_or_train_teacher(profile, tokenizer, text_encoder_from_clip(clip.model))
-    return profile, data, clip, tokenizer, teacher
+        clip = load_or_train_tiny_clip(profile)
+        teacher = load_or_train_teacher(profile, clip)
+    return profile, data, clip, clip.tokenizer, teacher
 
 
 def test_scheduler_is_sd15s():
@@ -43,13 +55,26 @@ def test_round_trip_loads_the_same_weights(smoke_models, monkeypatch):
     assert clip.trained and teacher.trained
     monkeypatch.setenv("WADI_DATA_DIR", str(data))
     monkeypatch.setenv("WADI_NO_TRAIN", "1")  # must load, never retrain
-    clip2, tokenizer2 = load_or_train_tiny_clip(profile)
-    teacher2 = load_or_train_teacher(profile, tokenizer2, text_encoder_from_clip(clip2.model))
+    clip2 = load_or_train_tiny_clip(profile)
+    teacher2 = load_or_train_teacher(profile, clip2)
     assert not clip2.trained and not teacher2.trained
-    assert tokenizer2.get_vocab() == tokenizer.get_vocab()
+    assert clip2.tokenizer.get_vocab() == tokenizer.get_vocab()
     for a, b in ((clip.model, clip2.model), (teacher.model, teacher2.model)):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    assert teacher2.log["loss"] == teacher.log["loss"]
+    for first, again in ((clip, clip2), (teacher, teacher2)):
+        assert list(again.log.columns) == list(first.log.columns) and again.log.equals(first.log)
+    assert list(teacher.log.columns) == ["step", "loss", "lr", "seconds"]
+    assert teacher.log["step"].tolist() == list(range(profile.teacher.steps))
+    assert teacher.config == profile.teacher and clip.config == profile.clip
+    assert teacher2.trainable_parameters == 0 and teacher2.status().startswith("UNet2DConditionModel: loaded")
+
+
+def test_tokenizer_survives_its_round_trip_through_the_checkpoint():
+    profile = get_profile("smoke")
+    captions = make_split("train", profile.world).captions
+    trained = train_tokenizer(captions, profile.clip)
+    restored = _tokenizer_from_files(_tokenizer_files(trained))
+    assert torch.equal(tokenize(restored, captions + [""]), tokenize(trained, captions + [""]))
 
 
 def test_changed_config_is_not_silently_retrained(smoke_models, monkeypatch):
@@ -66,7 +91,7 @@ def test_corrupt_checkpoint_raises(smoke_models, monkeypatch, tmp_path):
     monkeypatch.setenv("WADI_DATA_DIR", str(tmp_path))
     broken = tmp_path / clip.path.name
     broken.write_bytes(clip.path.read_bytes()[:100])
-    with pytest.raises(artifacts.ArtifactError, match="readable safetensors"):
+    with pytest.raises(artifacts.ArtifactError, match="readable safetensors.*ONLY=00"):
         load_or_train_tiny_clip(profile)
 
 
@@ -110,3 +135,11 @@ def test_ddim_with_one_step_and_no_guidance_matches_manual_formula(smoke_models)
 def test_unknown_backbone_names_the_choices():
     with pytest.raises(ValueError, match="tiny, sd15"):
         load_backbone("sd3")
+
+
+def test_linear_weight_share_counts_the_student_rules_linears(smoke_models):
+    teacher = smoke_models[4].model
+    adapted = sum(m.weight.numel() for n, m in teacher.named_modules()
+                  if isinstance(m, torch.nn.Linear) and n.split(".")[0] in ("down_blocks", "mid_block", "up_blocks"))
+    assert linear_weight_share(teacher) == adapted / sum(p.numel() for p in teacher.parameters())
+

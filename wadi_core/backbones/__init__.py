@@ -31,4 +31,5 @@ def load_backbone(name: str = "tiny", profile: str | Profile = "tiny"):
         return load_tiny_backbone(get_profile(profile) if isinstance(profile, str) else profile)
     if name in paper.PAPER_BACKBONES:
         return paper.load_paper_backbone(name)
-    raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(TINY_BACKBONES + tuple(paper.PAPER_BACKBONES))}")
+    choices = ", ".join(TINY_BACKBONES + tuple(paper.PAPER_BACKBONES))
+    raise ValueError(f"unknown backbone {name!r}; choose one of {choices}")

@@ -1,14 +1,14 @@
-"""The tiny world's backbone, built in Stable Diffusion's mould (DESIGN.md §2).
+"""The tiny world's backbone, built in Stable Diffusion's mould (see docs/design.md).
 
 - ``CLIPTokenizer`` (BPE trained on the caption grammar) + tiny ``CLIPModel`` trained contrastively on
   ShapesWorld; its frozen text tower conditions the teacher exactly as SD's frozen CLIP text encoder does.
 - Teacher: pixel-space ``UNet2DConditionModel`` (cross-attention only at 8×8 and in the mid block, for CPU
   speed), ε-prediction, 10 % caption dropout for classifier-free guidance.
 - Scheduler: SD1.5's exact DDPM config (1000 steps, scaled_linear 0.00085→0.012), so ᾱ at t=999 is 0.0047,
-  the value WaDi's one-step formula assumes (WADI_PAPER.md §4.1).
+  the value WaDi's one-step formula assumes (the official ``train_dkd_sd.py`` hard-codes it).
 
 Pixel space rather than a tiny-VAE latent space: at 32×32 the VAE would add its own training stage and its
-8×8 latents lose the small objects (CPU_FACTS.md §2.4); the notebook shows the measured distillability.
+8×8 latents lose the small objects; the notebook shows the measured distillability.
 """
 
 from __future__ import annotations
@@ -25,17 +25,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from tqdm import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig
 
-from ..artifacts import (
-    TrainedModel,
-    artifact_path,
-    cached,
-    load_checkpoint,
-    load_weights_strict,
-    log_tensors,
-    save_checkpoint,
-    split_log,
-    training_allowed,
-)
+from ..artifacts import TrainedModel, load_or_train
 from ..diffusion import one_step_x0
 from ..optim import cosine_lr, set_lr
 from ..profiles import ClipTrainConfig, Profile, TeacherTrainConfig, WorldConfig
@@ -119,7 +109,8 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-def clip_embeddings(model: CLIPModel, input_ids: torch.Tensor, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_embeddings(model: CLIPModel, input_ids: torch.Tensor,
+                    pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit-norm projected text and image embeddings (B, projection_dim) of the tiny CLIP."""
     text = model.text_projection(model.text_model(input_ids=input_ids).pooler_output)
     image = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
@@ -165,28 +156,21 @@ def train_tiny_clip(train: ShapesDataset, config: ClipTrainConfig) -> tuple[CLIP
     return model.eval(), tokenizer, log
 
 
-def load_or_train_tiny_clip(profile: Profile) -> tuple[TrainedModel, CLIPTokenizer]:
-    """The tiny CLIP and tokenizer of ``profile``: loaded from ``data/`` when cached, else trained and saved."""
-    key = _clip_artifact_config(profile.world, profile.clip)
-    path = cached("tiny_clip", key)
-    if path is not None:
-        tensors, meta = load_checkpoint(path, key)
-        tokenizer = _tokenizer_from_files(meta["tokenizer"])
-        model = CLIPModel(CLIPConfig.from_dict(json.loads(meta["model_config"])))
-        weights, log = split_log(tensors)
-        load_weights_strict(model, weights, path)
-        return TrainedModel(model.eval(), log, trained=False, path=path), tokenizer
-    path = artifact_path("tiny_clip", key)
-    training_allowed("tiny_clip", path)
-    model, tokenizer, log = train_tiny_clip(make_split("train", profile.world), profile.clip)
-    save_checkpoint(
-        path,
-        {**model.state_dict(), **log_tensors(log)},
-        key,
-        tokenizer=_tokenizer_files(tokenizer),
-        model_config=model.config.to_json_string(),
-    )
-    return TrainedModel(model, log, trained=True, path=path), tokenizer
+def load_or_train_tiny_clip(profile: Profile) -> TrainedModel:
+    """The tiny CLIP of ``profile`` with its tokenizer (``.tokenizer``): loaded from ``data/`` when cached, else
+    trained and saved. The tokenizer is always rebuilt from the files stored in the checkpoint."""
+
+    def build(metadata: dict[str, str]) -> CLIPModel:
+        return CLIPModel(CLIPConfig.from_dict(json.loads(metadata["model_config"])))
+
+    def train() -> tuple[CLIPModel, dict, dict[str, str]]:
+        model, tokenizer, log = train_tiny_clip(make_split("train", profile.world), profile.clip)
+        return model, log, {"tokenizer": _tokenizer_files(tokenizer), "model_config": model.config.to_json_string()}
+
+    clip = load_or_train("tiny_clip", _clip_artifact_config(profile.world, profile.clip), build, train,
+                         config=profile.clip)
+    clip.tokenizer = _tokenizer_from_files(clip.metadata["tokenizer"])
+    return clip
 
 
 def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
@@ -257,30 +241,30 @@ def train_teacher(
             decay = min(config.ema_decay, (1 + step) / (10 + step))
             for p_ema, p in zip(ema.parameters(), unet.parameters()):
                 p_ema.lerp_(p, 1 - decay)
-        for key, value in (("step", step), ("loss", loss.item()), ("lr", lr), ("seconds", time.perf_counter() - start)):
+        seconds = time.perf_counter() - start
+        for key, value in (("step", step), ("loss", loss.item()), ("lr", lr), ("seconds", seconds)):
             log[key].append(float(value))
     return ema.eval(), log
 
 
-def load_or_train_teacher(profile: Profile, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel) -> TrainedModel:
-    """The teacher of ``profile``, loaded from ``data/`` when cached, else trained on the frozen text tower."""
+def load_or_train_teacher(profile: Profile, clip: TrainedModel) -> TrainedModel:
+    """The teacher of ``profile``: loaded from ``data/`` when cached, else trained on the frozen text tower of
+    ``clip`` (:func:`load_or_train_tiny_clip`)."""
     key = {"clip": _clip_artifact_config(profile.world, profile.clip), "teacher": profile.teacher}
-    path = cached("teacher_unet", key)
-    if path is not None:
-        tensors, meta = load_checkpoint(path, key)
-        unet = UNet2DConditionModel(**json.loads(meta["model_config"]))
-        weights, log = split_log(tensors)
-        load_weights_strict(unet, weights, path)
-        return TrainedModel(unet.eval().requires_grad_(False), log, trained=False, path=path)
-    path = artifact_path("teacher_unet", key)
-    training_allowed("teacher_unet", path)
-    train = make_split("train", profile.world)
-    states = encode_prompts(tokenizer, text_encoder, train.captions)
-    null_state = encode_prompts(tokenizer, text_encoder, [""])
-    unet, log = train_teacher(train, states, null_state, profile.teacher)
-    unet_config = teacher_unet_config(profile.teacher, profile.world.resolution, states.shape[-1])
-    save_checkpoint(path, {**unet.state_dict(), **log_tensors(log)}, key, model_config=json.dumps(unet_config))
-    return TrainedModel(unet.requires_grad_(False), log, trained=True, path=path)
+
+    def build(metadata: dict[str, str]) -> UNet2DConditionModel:
+        return UNet2DConditionModel(**json.loads(metadata["model_config"])).requires_grad_(False)
+
+    def train() -> tuple[UNet2DConditionModel, dict, dict[str, str]]:
+        text_encoder = text_encoder_from_clip(clip.model)
+        split = make_split("train", profile.world)
+        states = encode_prompts(clip.tokenizer, text_encoder, split.captions)
+        null_state = encode_prompts(clip.tokenizer, text_encoder, [""])
+        unet, log = train_teacher(split, states, null_state, profile.teacher)
+        unet_config = teacher_unet_config(profile.teacher, profile.world.resolution, states.shape[-1])
+        return unet.requires_grad_(False), log, {"model_config": json.dumps(unet_config)}
+
+    return load_or_train("teacher_unet", key, build, train, config=profile.teacher)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -310,7 +294,7 @@ class TinyBackbone:
         """The teacher's own one-step image (what a VSD student is at init), in [0, 1] (B, 3, H, W).
 
         :func:`wadi_core.diffusion.one_step_x0` on z ~ N(0, I) drawn from ``seed``: x0 = (z − σ_T ε̂)/α_T, so any
-        ε̂ error is amplified by 1/α_T (14.6 with SD1.5's schedule; WADI_PAPER.md §4.1).
+        ε̂ error is amplified by 1/α_T (14.6 with SD1.5's schedule).
         """
         size, channels = self.unet.config.sample_size, self.unet.config.in_channels
         z = torch.randn(len(prompts), channels, size, size, generator=torch.Generator().manual_seed(seed))
@@ -366,7 +350,7 @@ def sample_ddim(
 
 def load_tiny_backbone(profile: Profile) -> TinyBackbone:
     """Load (or, on a fresh machine, train) the tiny CLIP and teacher of ``profile``."""
-    clip, tokenizer = load_or_train_tiny_clip(profile)
-    text_encoder = text_encoder_from_clip(clip.model)
-    teacher = load_or_train_teacher(profile, tokenizer, text_encoder)
-    return TinyBackbone(tokenizer, text_encoder, teacher.model, make_scheduler(), clip.model.requires_grad_(False))
+    clip = load_or_train_tiny_clip(profile)
+    teacher = load_or_train_teacher(profile, clip)
+    return TinyBackbone(clip.tokenizer, text_encoder_from_clip(clip.model), teacher.model, make_scheduler(),
+                        clip.model.requires_grad_(False))

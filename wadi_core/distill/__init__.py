@@ -31,7 +31,6 @@ __all__ += ["VSDResult", "checkpoint_path", "latest_checkpoint", "train_vsd"]
 
 from .students import (  # noqa: E402
     STUDENT_METHODS,
-    TrainedStudent,
     deviation_study,
     export_student,
     load_or_train_student,
@@ -40,5 +39,5 @@ from .students import (  # noqa: E402
     student_config,
 )
 
-__all__ += ["STUDENT_METHODS", "TrainedStudent", "deviation_study", "export_student", "load_or_train_student", "one_step_generate",
+__all__ += ["STUDENT_METHODS", "deviation_study", "export_student", "load_or_train_student", "one_step_generate",
             "prompt_embeddings", "student_config"]

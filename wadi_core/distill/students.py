@@ -1,5 +1,6 @@
-"""Trained one-step students of the tiny world, cached like the teacher (DESIGN.md §5), and what one does with
-them: one-step generation and export as a vanilla diffusers U-Net (WADI_PAPER.md §3.5, §4).
+"""Trained one-step students of the tiny world, cached like the teacher (:func:`wadi_core.artifacts.load_or_train`),
+and what one does with them: one-step generation and export as a vanilla diffusers U-Net (WaDi §3.3; the official
+``infer_sd_model.py`` loads such a merged U-Net).
 
 Typical use::
 
@@ -21,30 +22,21 @@ import copy
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from ..adapters import count_trainable, inject, merge
-from ..artifacts import (
-    ArtifactError,
-    artifact_path,
-    cache_dir,
-    cached,
-    load_checkpoint,
-    log_tensors,
-    save_checkpoint,
-    split_log,
-    training_allowed,
-)
+from ..adapters import inject, merged_copy
+from ..artifacts import TrainedModel, artifact_path, atomic_path, cache_dir, load_or_train, module_digest
+from ..diffusion import one_step_x0
 from ..profiles import DistillConfig, Profile
+from ..world import make_split
 from .config import VSDConfig
-from .losses import one_step_x0
-from .vsd import LOG_COLUMNS, train_vsd
+from .vsd import train_vsd
 
 STUDENT_KIND = "student"
 STUDENT_METHODS = ("lorad", "full", "lora", "dora", "dora_frozen_norm")  # WaDi, then the baselines
@@ -88,19 +80,17 @@ def deviation_study(distill: DistillConfig) -> dict[str, dict]:
     return {
         "tiny recipe": dict(steps=steps),
         "official loop (no warm-up, 1:1)": dict(steps=steps, fake_warmup_steps=0, fake_updates_per_step=1),
-        "+ DMD gradient normalisation": dict(steps=steps, normalize_generator_grad=not distill.normalize_generator_grad),
+        "+ DMD gradient normalisation": dict(steps=steps,
+                                             normalize_generator_grad=not distill.normalize_generator_grad),
         f"+ student EMA {distill.deviation_ema_decay}": dict(steps=steps, ema_decay=distill.deviation_ema_decay),
     }
 
 
 def prompt_embeddings(backbone, prompts: list[str], batch_size: int = 512) -> torch.Tensor:
-    """(N, L, D) frozen text states of ``prompts``: VSD is image-free and trains on these only (WADI_PAPER.md
-    §4.2). Cached as ``<cache>/embeddings/<hash>.safetensors`` keyed by the prompts and the text encoder."""
-    from safetensors.torch import load_file, save_file
-
-    from ..artifacts import atomic_path
-
-    key = hashlib.sha256(json.dumps(prompts).encode() + _module_digest(backbone.text_encoder).encode())
+    """(N, L, D) frozen text states of ``prompts``: VSD is image-free and trains on these only (the official
+    ``dataset.py`` feeds prompts, no images). Cached as ``<cache>/embeddings/<hash>.safetensors`` keyed by the
+    prompts and the text encoder."""
+    key = hashlib.sha256(json.dumps(prompts).encode() + module_digest(backbone.text_encoder).encode())
     path = cache_dir() / "embeddings" / f"{key.hexdigest()[:16]}.safetensors"
     if path.exists():
         return load_file(str(path))["embeddings"]
@@ -113,39 +103,10 @@ def prompt_embeddings(backbone, prompts: list[str], batch_size: int = 512) -> to
     return states
 
 
-def _module_digest(module: nn.Module) -> str:
-    """SHA-256 of a module's parameters and buffers (names, shapes, values)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-@dataclass
-class TrainedStudent:
-    """A one-step student (teacher + adapter, unmerged) with its config, log and provenance."""
-
-    model: nn.Module
-    config: VSDConfig
-    log: pd.DataFrame  # one row per generator step (columns of :data:`~.vsd.LOG_COLUMNS`)
-    trained: bool  # True: trained by this call; False: loaded from ``data/``
-    path: Path
-
-    @property
-    def trainable_parameters(self) -> int:
-        return count_trainable(self.model)
-
-    def status(self) -> str:
-        verb = "trained now and saved as" if self.trained else "loaded from the cache"
-        return f"{self.config.student_method} student: {verb} {self.path.name}"
-
-
 def _artifact_key(backbone, prompts: list[str], config: VSDConfig) -> dict:
     return {
-        "teacher": _module_digest(backbone.unet),
-        "text_encoder": _module_digest(backbone.text_encoder),
+        "teacher": module_digest(backbone.unet),
+        "text_encoder": module_digest(backbone.text_encoder),
         "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
         "vsd": dataclasses.asdict(config),
     }
@@ -165,54 +126,37 @@ def load_or_train_student(
     rank: int | None = None,
     progress: bool = True,
     **overrides,
-) -> TrainedStudent:
+) -> TrainedModel:
     """The tiny-world student ``method`` of ``profile`` (optionally another ``rank`` or recipe ``overrides``),
     loaded from ``data/`` when cached, else distilled from ``backbone``'s teacher with :func:`train_vsd` on the
-    unique captions of the training split.
+    unique captions of the training split. ``.config`` is its :class:`VSDConfig`, ``.log`` one row per generator
+    step; the model is the teacher with the student adapter, unmerged (:func:`merged_copy` merges a copy).
 
     Raises:
         ArtifactError: the student is not cached and ``WADI_NO_TRAIN=1`` forbids training it, or the file is
-            corrupt / from another config.
+            damaged, corrupt or from another config.
     """
-    from ..world import make_split
-
     config = student_config(profile.distill, method, rank, **overrides)
     prompts = sorted(set(make_split("train", profile.world).captions))
     key = _artifact_key(backbone, prompts, config)
-    path = cached(STUDENT_KIND, key)
-    if path is not None:
-        tensors, _ = load_checkpoint(path, key)
-        weights, log = split_log(tensors)
-        student = _new_student(backbone.unet, config)
-        params = {n: p for n, p in student.named_parameters() if p.requires_grad}
-        if set(weights) != set(params):
-            raise ArtifactError(f"{path}: stored parameters do not match a {method} student of rank "
-                                f"{config.student_rank}; retrain it with `FRESH=1 make reproduce ONLY=03`")
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(weights[name])
-        frame = pd.DataFrame({k: log[k] for k in LOG_COLUMNS})
-        frame["step"] = frame["step"].astype(int)
-        return TrainedStudent(student.eval(), config, frame, trained=False, path=path)
 
-    path = artifact_path(STUDENT_KIND, key)
-    training_allowed(f"{method} student", path)
-    run_dir = cache_dir() / "vsd" / path.stem
-    embeds = prompt_embeddings(backbone, prompts)
-    result = train_vsd(backbone.unet, backbone.scheduler, embeds, backbone.null_embedding(), config, run_dir,
-                       progress=progress)
-    student = (result.ema_student or result.student).eval()
-    tensors = {n: p.detach() for n, p in student.named_parameters() if p.requires_grad}
-    tensors.update(log_tensors({c: result.log[c].tolist() for c in LOG_COLUMNS}))
-    save_checkpoint(path, tensors, key, method=method)
-    return TrainedStudent(student, config, result.log, trained=True, path=path)
+    def train() -> tuple[nn.Module, pd.DataFrame, dict[str, str]]:
+        run_dir = cache_dir() / "vsd" / artifact_path(STUDENT_KIND, key).stem
+        embeds = prompt_embeddings(backbone, prompts)
+        result = train_vsd(backbone.unet, backbone.scheduler, embeds, backbone.null_embedding(), config, run_dir,
+                           progress=progress)
+        return result.ema_student or result.student, result.log, {"method": method}
+
+    return load_or_train(STUDENT_KIND, key, lambda _: _new_student(backbone.unet, config), train, config=config,
+                         label=f"{method} student", trainable_only=True)
 
 
 @torch.no_grad()
 def one_step_generate(student: nn.Module, backbone, prompts: list[str], seed: int, batch_size: int = 256,
                       progress: bool = False) -> torch.Tensor:
-    """One network call per image (NFE = 1): x0 = (z − σ_T ε̂)/α_T at t = T−1 (WADI_PAPER.md §4.1), in [0, 1]
-    (B, 3, H, W). All noise is drawn up front from ``seed``, so images do not depend on ``batch_size``."""
+    """One network call per image (NFE = 1): x0 = (z − σ_T ε̂)/α_T at t = T−1
+    (:func:`~wadi_core.diffusion.one_step_x0`), in [0, 1] (B, 3, H, W). All noise is drawn up front from
+    ``seed``, so images do not depend on ``batch_size``."""
     channels, size = student.config.in_channels, student.config.sample_size
     noise = torch.randn(len(prompts), channels, size, size, generator=torch.Generator().manual_seed(seed))
     out = []
@@ -226,10 +170,8 @@ def one_step_generate(student: nn.Module, backbone, prompts: list[str], seed: in
 def export_student(student: nn.Module, folder: str | Path) -> Path:
     """Save the merged student as a vanilla ``UNet2DConditionModel`` folder (``config.json`` +
     safetensors) that ``UNet2DConditionModel.from_pretrained(folder)`` loads with no project code: a merged
-    LoRaD student costs exactly a plain U-Net call (WADI_PAPER.md §3.5). ``student`` itself is untouched."""
-    merged = copy.deepcopy(student)
-    merge(merged, remove=True)
-    merged.requires_grad_(False)
+    LoRaD student costs exactly a plain U-Net call. ``student`` itself is untouched."""
+    merged = merged_copy(student).requires_grad_(False)
     folder = Path(folder)
     merged.save_pretrained(folder, safe_serialization=True)
     return folder

@@ -1,6 +1,6 @@
 """The ShapesWorld feature network: FID's "Inception analog" and the attribute reader in one CNN.
 
-No Inception or CLIP weights exist offline (CPU_FACTS.md §7), so the tiny world trains its own feature
+No Inception or CLIP weights are available offline, so the tiny world trains its own feature
 network on ShapesWorld labels. Its penultimate layer (``features``) feeds clean-fid through
 ``custom_feat_extractor``; its heads read, for each of the 12 (colour, shape) object classes, whether the
 object is present and its centre and radius — enough to check every attribute a caption names.
@@ -15,17 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..artifacts import (
-    TrainedModel,
-    artifact_path,
-    cached,
-    load_checkpoint,
-    load_weights_strict,
-    log_tensors,
-    save_checkpoint,
-    split_log,
-    training_allowed,
-)
+from ..artifacts import TrainedModel, load_or_train
 from ..optim import cosine_lr, set_lr
 from ..profiles import Profile, ReaderTrainConfig
 from ..world import COMBOS, ShapesDataset, make_split, object_targets
@@ -109,16 +99,13 @@ def train_feature_net(train: ShapesDataset, config: ReaderTrainConfig) -> tuple[
 
 def load_or_train_feature_net(profile: Profile) -> TrainedModel:
     """The feature net of ``profile``: loaded from ``data/`` when cached, else trained and saved."""
-    key = {"world": profile.world, "reader": profile.reader}
-    path = cached("feature_net", key)
-    if path is not None:
-        tensors, _ = load_checkpoint(path, key)
-        net = ShapesFeatureNet(profile.reader.channels, profile.reader.feature_dim, profile.world.resolution)
-        weights, log = split_log(tensors)
-        load_weights_strict(net, weights, path)
-        return TrainedModel(net.eval().requires_grad_(False), log, trained=False, path=path)
-    path = artifact_path("feature_net", key)
-    training_allowed("feature_net", path)
-    net, log = train_feature_net(make_split("train", profile.world), profile.reader)
-    save_checkpoint(path, {**net.state_dict(), **log_tensors(log)}, key)
-    return TrainedModel(net, log, trained=True, path=path)
+    reader = profile.reader
+
+    def build(metadata: dict[str, str]) -> ShapesFeatureNet:
+        return ShapesFeatureNet(reader.channels, reader.feature_dim, profile.world.resolution).requires_grad_(False)
+
+    def train() -> tuple[ShapesFeatureNet, dict, dict[str, str]]:
+        net, log = train_feature_net(make_split("train", profile.world), reader)
+        return net, log, {}
+
+    return load_or_train("feature_net", {"world": profile.world, "reader": reader}, build, train, config=reader)
