@@ -19,6 +19,7 @@ from wadi_core.backbones.tiny import (
     tokenize,
     train_tokenizer,
 )
+from wadi_core.eval import cached_samples
 from wadi_core.profiles import get_profile
 from wadi_core.world import make_split
 
@@ -143,3 +144,31 @@ def test_linear_weight_share_counts_the_student_rules_linears(smoke_models):
                   if isinstance(m, torch.nn.Linear) and n.split(".")[0] in ("down_blocks", "mid_block", "up_blocks"))
     assert linear_weight_share(teacher) == adapted / sum(p.numel() for p in teacher.parameters())
 
+
+def test_teacher_samples_are_cached_bit_for_bit(smoke_models, monkeypatch, tmp_path):
+    _, _, clip, tokenizer, teacher = smoke_models
+    backbone = TinyBackbone(tokenizer, text_encoder_from_clip(clip.model), teacher.model, make_scheduler(), clip.model)
+    prompts = ["a red circle", "a blue square left of a green triangle", "a small yellow triangle"]
+    monkeypatch.setenv("WADI_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("WADI_FRESH", raising=False)
+    monkeypatch.delenv("WADI_NO_TRAIN", raising=False)
+    fresh = backbone.sample(prompts, 3, 2.0, seed=5, progress=False)
+    first = cached_samples(backbone, prompts, 3, 2.0, seed=5)
+    assert first.sampled and first.path.parent == tmp_path and first.path.name.startswith("samples-")
+    assert first.images.dtype == torch.float32 and torch.equal(first.images, fresh)
+    monkeypatch.setenv("WADI_NO_TRAIN", "1")  # must load, never sample
+    again = cached_samples(backbone, prompts, 3, 2.0, seed=5)
+    assert not again.sampled and again.path == first.path and torch.equal(again.images, fresh)
+    assert again.seconds == first.seconds and "loaded from the cache" in again.status()
+    assert first.path.name in artifacts.read_checksums(tmp_path)
+    for changed in (dict(prompts=prompts[:2]), dict(num_inference_steps=2), dict(guidance_scale=1.5),
+                    dict(seed=6)):
+        args = {**dict(prompts=prompts, num_inference_steps=3, guidance_scale=2.0, seed=5), **changed}
+        with pytest.raises(artifacts.ArtifactError, match="WADI_NO_TRAIN"):
+            cached_samples(backbone, **args)
+    monkeypatch.setenv("WADI_NO_TRAIN", "0")
+    monkeypatch.setenv("WADI_FRESH", "1")
+    artifacts._WRITTEN_THIS_PROCESS.discard(first.path.resolve())  # as if an earlier run had cached it
+    redone = cached_samples(backbone, prompts, 3, 2.0, seed=5)
+    assert redone.sampled and torch.equal(redone.images, fresh)
+    assert not cached_samples(backbone, prompts, 3, 2.0, seed=5).sampled  # sampled once per fresh run

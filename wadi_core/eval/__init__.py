@@ -25,5 +25,5 @@ from .fid import (
     save_images,
 )
 from .manifold import precision_recall
-from .samples import generate_to_folder, per_image_noise
+from .samples import CachedSamples, cached_samples, generate_to_folder, per_image_noise
 from .scoring import score_images

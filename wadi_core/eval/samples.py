@@ -1,15 +1,102 @@
 """Sample generation for evaluation: one PNG per prompt, in batches, resumable (a 30k COCO run survives
-interruption: rerunning the same call writes only the missing images)."""
+interruption: rerunning the same call writes only the missing images); and the teacher's multi-step samples,
+cached in the data directory (:func:`cached_samples`), since re-deriving them costs more than everything that
+reads them."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from diffusers import DDIMScheduler
 from tqdm import tqdm
 
+from ..artifacts import (
+    artifact_path,
+    cached,
+    load_checkpoint,
+    module_digest,
+    save_checkpoint,
+    training_allowed,
+)
+from ..backbones.tiny import SD15_SCHEDULER_CONFIG, TinyBackbone, tokenize
 from .fid import _to_uint8, _write_png
+
+SAMPLES_KIND = "samples"
+SAMPLER = "ddim-cfg"  # wadi_core.backbones.sample_ddim: DDIM (η = 0) with classifier-free guidance
+
+
+@dataclass
+class CachedSamples:
+    """The teacher's images for a list of prompts, and whether this call sampled them or loaded them."""
+
+    images: torch.Tensor  # what ``backbone.sample`` returns: float32 in [0, 1], (B, 3, H, W)
+    sampled: bool  # True: sampled by this call (and saved); False: loaded from the data directory
+    path: Path
+    seconds: float  # wall time of the sampling that produced the images (this call's, or the cached run's)
+
+    def status(self) -> str:
+        verb = "sampled now and saved as" if self.sampled else "loaded from the cache"
+        return f"{len(self.images)} teacher samples: {verb} {self.path.name} (sampling took {self.seconds:.1f} s)"
+
+
+def samples_key(backbone: TinyBackbone, prompts: Sequence[str], num_inference_steps: int, guidance_scale: float,
+                seed: int, batch_size: int = 128) -> dict:
+    """Everything that determines ``backbone.sample(prompts, ...)``: the teacher's and text encoder's weights,
+    the prompts and their token ids, the sampler, its schedule and DDIM timesteps, guidance, seed, image size and
+    batch size (batching can change the last bits of float32 results)."""
+    prompts = list(prompts)
+    tokens = tokenize(backbone.tokenizer, prompts + [""])  # the prompts' ids and the null prompt's (CFG)
+    ddim = DDIMScheduler.from_config(backbone.scheduler.config)  # as sample_ddim builds it
+    ddim.set_timesteps(num_inference_steps)
+    config = backbone.unet.config
+    return {
+        "sampler": SAMPLER,
+        "scheduler": {name: backbone.scheduler.config[name] for name in SD15_SCHEDULER_CONFIG},
+        "timesteps": ddim.timesteps.tolist(),
+        "teacher": module_digest(backbone.unet),
+        "text_encoder": module_digest(backbone.text_encoder),
+        "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
+        "tokens": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16],
+        "image_size": [config.in_channels, config.sample_size, config.sample_size],
+        "num_inference_steps": int(num_inference_steps),
+        "guidance_scale": float(guidance_scale),
+        "seed": int(seed),
+        "batch_size": int(batch_size),
+    }
+
+
+def cached_samples(backbone: TinyBackbone, prompts: Sequence[str], num_inference_steps: int, guidance_scale: float,
+                   seed: int, batch_size: int = 128, progress: bool = False) -> CachedSamples:
+    """``backbone.sample(prompts, num_inference_steps, guidance_scale, seed=seed)``, cached as
+    ``<data dir>/samples-<hash>.safetensors`` (float32, so what is loaded equals what is sampled bit for bit)
+    keyed by :func:`samples_key`.
+
+    Like the trained artifacts: ``WADI_FRESH=1`` samples again (once per run), a temporary ``WADI_DATA_DIR``
+    (the smoke run) starts empty, and ``WADI_NO_TRAIN=1`` turns a missing cache into an error.
+
+    Raises:
+        ArtifactError: the samples are not cached and ``WADI_NO_TRAIN=1`` forbids sampling them, or the cached
+            file is damaged (SHA256SUMS), corrupt, or from another key.
+    """
+    key = samples_key(backbone, prompts, num_inference_steps, guidance_scale, seed, batch_size)
+    path = cached(SAMPLES_KIND, key)
+    if path is not None:
+        tensors, metadata = load_checkpoint(path, key)
+        return CachedSamples(tensors["images"], sampled=False, path=path, seconds=float(metadata["seconds"]))
+    path = artifact_path(SAMPLES_KIND, key)
+    training_allowed("teacher samples", path)
+    start = time.perf_counter()
+    images = backbone.sample(list(prompts), num_inference_steps, guidance_scale, seed=seed, batch_size=batch_size,
+                             progress=progress)
+    seconds = time.perf_counter() - start
+    save_checkpoint(path, {"images": images}, key, seconds=repr(seconds), threads=str(torch.get_num_threads()))
+    return CachedSamples(images, sampled=True, path=path, seconds=seconds)
 
 
 def per_image_generator(index: int, seed: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
