@@ -47,6 +47,9 @@ TABLE1_TEACHER = "SD 1.5 (cfg=3.0)"
 TABLE1_WADI = "WaDi (LoRaD)"
 TEACHER_GUIDANCE_SCALE = 3.0  # Table 1: the SD1.5 teacher is sampled with CFG 3
 TEACHER_STEPS = 25  # Table 1: the SD1.5 teacher's NFE column
+# ᾱ at t = 999 of SD1.5's DDPM schedule, which WaDi's one-step formula uses; the official train_dkd_dit.py
+# hard-codes the same value for PixArt-α.
+SD15_ALPHA_BAR_T = 0.0047
 
 # Table 1, WaDi rows of the other two backbones (trainable parameters; FID / CLIP / precision / recall).
 TABLE1_WADI_SD21 = Table1Row(865e6, 1, "LoRaD", 94.43e6, 12.34, 0.31, 0.60, 0.48)
