@@ -64,3 +64,13 @@ def test_count_table_matches_the_paper_except_pixart_student_rule():
     mismatches = reported.index[~reported["matches paper"].astype(bool)].tolist()
     assert mismatches == ["Table 1: WaDi on PixArt-α (student rule)"]
     assert table.loc["Table 1: WaDi on SD1.5", "trainable (exact)"] == 83_795_968
+
+
+def test_count_adapter_parameters_counts_a_model_without_touching_it():
+    from wadi_core.adapters.counts import count_adapter_parameters
+
+    model = nn.Sequential()
+    model.add_module("down_blocks", nn.Sequential(nn.Linear(8, 4), nn.Conv2d(2, 2, 1)))
+    layers, trainable, total = count_adapter_parameters(model, "lorad", rank=2)
+    assert (layers, trainable, total) == (1, 4 * 2 + 2 * 4, sum(p.numel() for p in model.parameters()))
+    assert all(type(m) in (nn.Sequential, nn.Linear, nn.Conv2d) for m in model.modules())  # the model is not adapted

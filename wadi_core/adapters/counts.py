@@ -3,32 +3,35 @@ and the official layer rule (``register_hooks``): exact integers, no weights."""
 
 from __future__ import annotations
 
+import copy
+
 import pandas as pd
+from torch import nn
 
 from ..backbones.paper import build_meta_model, count_parameters
+from ..paper_numbers import FAKE_RANK, RANK_ABLATION, STUDENT_RANK_PIXART, STUDENT_RANK_SD, WADI_TRAINABLE_M
 from .inject import count_trainable, inject
 
 # (row, backbone, method, rank, rule, exclude, paper's number in millions or None where the paper gives none)
 PAPER_COUNTS: tuple[tuple[str, str, str, int, str, tuple[str, ...], float | None], ...] = (
-    ("Table 1: WaDi on SD1.5", "sd15", "lorad", 256, "student", (), 83.80),
-    ("Table 1: WaDi on SD2.1", "sd21-base", "lorad", 256, "student", (), 94.43),
-    ("Table 1: WaDi on PixArt-α (student rule)", "pixart-alpha-256", "lorad", 128, "student", (), 81.22),
-    ("PixArt-α without the 3 adaln_single Linears", "pixart-alpha-256", "lorad", 128, "student", ("adaln_single",),
-     81.22),
-    ("Rank ablation A: r=64", "sd15", "lorad", 64, "student", (), 20.95),
-    ("Rank ablation B: r=128", "sd15", "lorad", 128, "student", (), 41.90),
-    ("Rank ablation C: r=256", "sd15", "lorad", 256, "student", (), 83.80),
-    ("Rank ablation D: r=512", "sd15", "lorad", 512, "student", (), 167.59),
-    ("Fake score on SD1.5 (code: r=32)", "sd15", "lorad", 32, "fake", (), None),
-    ("LoRA at the same rank on SD1.5 (r=256)", "sd15", "lora", 256, "student", (), None),
+    ("Table 1: WaDi on SD1.5", "sd15", "lorad", STUDENT_RANK_SD, "student", (), WADI_TRAINABLE_M["sd15"]),
+    ("Table 1: WaDi on SD2.1", "sd21-base", "lorad", STUDENT_RANK_SD, "student", (), WADI_TRAINABLE_M["sd21-base"]),
+    ("Table 1: WaDi on PixArt-α (student rule)", "pixart-alpha-256", "lorad", STUDENT_RANK_PIXART, "student", (),
+     WADI_TRAINABLE_M["pixart-alpha-256"]),
+    ("PixArt-α without the 3 adaln_single Linears", "pixart-alpha-256", "lorad", STUDENT_RANK_PIXART, "student",
+     ("adaln_single",), WADI_TRAINABLE_M["pixart-alpha-256"]),
+    *((f"Rank ablation {letter}: r={rank}", "sd15", "lorad", rank, "student", (), RANK_ABLATION[rank].trainable / 1e6)
+      for letter, rank in zip("ABCD", RANK_ABLATION)),
+    (f"Fake score on SD1.5 (code: r={FAKE_RANK})", "sd15", "lorad", FAKE_RANK, "fake", (), None),
+    (f"LoRA at the same rank on SD1.5 (r={STUDENT_RANK_SD})", "sd15", "lora", STUDENT_RANK_SD, "student", (), None),
 )
-PAPER_BACKBONE_TOTALS = {"sd15": 860, "sd21-base": 865, "pixart-alpha-256": 611}  # Table 1 "#Params", millions
 
 
-def count_adapter_parameters(backbone: str, method: str, rank: int, rule: str = "student",
+def count_adapter_parameters(backbone: str | nn.Module, method: str, rank: int, rule: str = "student",
                              exclude: tuple[str, ...] = ()) -> tuple[int, int, int]:
-    """(adapted Linears, trainable parameters, backbone parameters) of ``method`` injected into a meta model."""
-    model = build_meta_model(backbone)
+    """(adapted Linears, trainable parameters, backbone parameters) of ``method`` injected into ``backbone``: a
+    paper backbone's name (built on the meta device, no weights) or a model (a copy is adapted, not the model)."""
+    model = build_meta_model(backbone) if isinstance(backbone, str) else copy.deepcopy(backbone)
     total = count_parameters(model)
     names = inject(model, method, rank, rule=rule, exclude=exclude)
     return len(names), count_trainable(model), total
