@@ -1,6 +1,5 @@
-"""One-step VSD distillation (DESIGN.md §4 "VSD", WADI_PAPER.md §4): the objective as pure functions
-(:mod:`.losses`), the run configuration (:mod:`.config`), the loop (:mod:`.vsd`) and the cached tiny-world
-students (:mod:`.students`)."""
+"""One-step VSD distillation (WaDi §3.3): the objective as pure functions (:mod:`.losses`), the run configuration
+(:mod:`.config`), the loop and its pieces (:mod:`.vsd`) and the cached tiny-world students (:mod:`.students`)."""
 
 from ..diffusion import one_step_x0
 from .config import MIXED_PRECISION, VSDConfig
@@ -25,9 +24,20 @@ __all__ = [
     "timestep_bounds",
 ]
 
-from .vsd import VSDResult, checkpoint_path, latest_checkpoint, train_vsd  # noqa: E402
+from .vsd import (  # noqa: E402
+    VSDResult,
+    VSDState,
+    build_vsd,
+    checkpoint_path,
+    latest_checkpoint,
+    resume_vsd,
+    save_vsd_checkpoint,
+    train_vsd,
+    vsd_step,
+)
 
-__all__ += ["VSDResult", "checkpoint_path", "latest_checkpoint", "train_vsd"]
+__all__ += ["VSDResult", "VSDState", "build_vsd", "checkpoint_path", "latest_checkpoint", "resume_vsd",
+            "save_vsd_checkpoint", "train_vsd", "vsd_step"]
 
 from .students import (  # noqa: E402
     STUDENT_METHODS,

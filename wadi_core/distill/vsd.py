@@ -1,5 +1,6 @@
-"""The VSD distillation loop (DESIGN.md §4 "VSD", WADI_PAPER.md §4): one-step student, frozen real score,
-trainable fake score, with accelerate, per-step CSV log, atomic checkpoints and exact resume.
+"""The VSD distillation loop of WaDi (§3.3; the training loop of the official ``train_dkd_sd.py``): one-step
+student, frozen real score, trainable fake score, with accelerate, per-step CSV log, atomic checkpoints and exact
+resume (``docs/paper_notes.md#vsd-training``).
 
 Typical use::
 
@@ -7,13 +8,18 @@ Typical use::
     result.student      # the one-step student (adapters not merged)
     result.log          # one row per generator step
 
+:func:`train_vsd` is four pieces that can be called on their own (the training-step benchmark times
+:func:`vsd_step`, the very step the loop runs): :func:`build_vsd` sets up a :class:`VSDState` (student, fake
+score, optimizers, accelerate, the loop's generator), :func:`resume_vsd` restores it from the latest checkpoint,
+:func:`vsd_step` runs one generator step with its fake-score updates, :func:`save_vsd_checkpoint` writes it.
+
 Determinism: every random draw of the loop (prompt indices, z, the losses' t/ε/dropout) goes through one CPU
 ``torch.Generator`` seeded with ``config.seed`` (plus the process index under ``accelerate launch``); adapter
-initialisation uses the global CPU RNG seeded with ``config.seed`` inside a forked RNG scope, so the caller's
-global RNG is untouched. Order of draws per generator step: prompt indices (B,), z (B, C, H, W), the generator
-loss (t, ε), then for each fake update the fake-score loss (t, ε, dropout). A checkpoint stores the trainable
-parameters, both optimizers' states, the CPU RNG state and the loop generator's state, so that on CPU an
-interrupted run resumed to the end equals the uninterrupted run bitwise.
+initialisation uses the global CPU RNG, which :func:`build_vsd` seeds with ``config.seed`` (:func:`train_vsd`
+runs inside a forked RNG scope, so the caller's global RNG is untouched). Order of draws per generator step:
+prompt indices (B,), z (B, C, H, W), the generator loss (t, ε), then for each fake update the fake-score loss
+(t, ε, dropout). A checkpoint stores the trainable parameters, both optimizers' states, the CPU RNG state and the
+loop generator's state, so that on CPU an interrupted run resumed to the end equals the uninterrupted run bitwise.
 
 Checkpoint format (safetensors, no pickle): tensors ``student.<param>``, ``fake.<param>``,
 ``optim.student.<i>.<key>``, ``optim.fake.<i>.<key>`` (AdamW state of the i-th trainable parameter),
@@ -32,6 +38,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -43,8 +50,12 @@ from tqdm import tqdm
 
 from ..adapters import inject
 from ..artifacts import atomic_path, canonical_json, config_hash
+from ..diffusion import one_step_x0
 from .config import VSDConfig
-from .losses import fake_score_loss, generator_loss, one_step_x0
+from .losses import fake_score_loss, generator_loss
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 CHECKPOINT_FORMAT = "wadi-vsd-checkpoint"
 LOG_NAME = "log.csv"
@@ -52,6 +63,30 @@ LOG_COLUMNS = ("step", "generator_loss", "fake_loss", "student_grad_norm", "fake
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.safetensors$")
 # Fields that may differ between a run and its resumption (they change where it stops, not what it computes).
 _RESUMABLE_CHANGES = ("steps", "checkpoint_every")
+
+
+@dataclass
+class VSDState:
+    """A VSD run between generator steps: built by :func:`build_vsd`, advanced by :func:`vsd_step`."""
+
+    config: VSDConfig
+    scheduler: DDPMScheduler
+    accelerator: Accelerator
+    student: nn.Module  # the one-step student as accelerate prepared it
+    fake: nn.Module  # the fake score as accelerate prepared it
+    real: nn.Module  # the frozen teacher (the real score)
+    raw_student: nn.Module  # ``student`` and ``fake`` unwrapped: the modules whose parameters are trained
+    raw_fake: nn.Module
+    opt_student: torch.optim.Optimizer
+    opt_fake: torch.optim.Optimizer
+    generator: torch.Generator  # the loop's CPU generator: every random draw of a step
+    prompt_embeds: torch.Tensor  # (N, L, D) on the CPU
+    null: torch.Tensor  # (1, L, D) empty-prompt states on the training device
+    latent_shape: tuple[int, ...]  # (C, H, W) of z
+    per_process_batch: int
+    ema: dict[str, torch.Tensor] | None  # the student's θ-EMA (fp32, on the training device) or None
+    step: int = 0  # generator steps done
+    last_checkpoint: Path | None = None  # the latest checkpoint written or resumed from
 
 
 @dataclass
@@ -104,19 +139,18 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
     optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
 
 
-def _save_checkpoint(path: Path, step: int, student: nn.Module, fake: nn.Module, opt_student, opt_fake,
-                     generator: torch.Generator, config: VSDConfig, ema: dict[str, torch.Tensor] | None) -> None:
+def _write_checkpoint(path: Path, state: VSDState) -> None:
     tensors: dict[str, torch.Tensor] = {}
-    tensors.update({f"student.{n}": p.detach() for n, p in _trainable(student).items()})
-    tensors.update({f"ema.{n}": v for n, v in (ema or {}).items()})
-    tensors.update({f"fake.{n}": p.detach() for n, p in _trainable(fake).items()})
-    tensors.update(_optimizer_tensors(opt_student, "optim.student"))
-    tensors.update(_optimizer_tensors(opt_fake, "optim.fake"))
+    tensors.update({f"student.{n}": p.detach() for n, p in _trainable(state.raw_student).items()})
+    tensors.update({f"ema.{n}": v for n, v in (state.ema or {}).items()})
+    tensors.update({f"fake.{n}": p.detach() for n, p in _trainable(state.raw_fake).items()})
+    tensors.update(_optimizer_tensors(state.opt_student, "optim.student"))
+    tensors.update(_optimizer_tensors(state.opt_fake, "optim.fake"))
     tensors["rng.torch_cpu"] = torch.get_rng_state()
-    tensors["rng.generator"] = generator.get_state()
+    tensors["rng.generator"] = state.generator.get_state()
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
-    metadata = {"format": CHECKPOINT_FORMAT, "step": str(step), "config": canonical_json(config),
-                "config_hash": config_hash(config)}
+    metadata = {"format": CHECKPOINT_FORMAT, "step": str(state.step), "config": canonical_json(state.config),
+                "config_hash": config_hash(state.config)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
@@ -194,6 +228,183 @@ def _check_finite(value: torch.Tensor, what: str, where: str, last_checkpoint: P
     return number
 
 
+def build_vsd(
+    teacher_unet: nn.Module,
+    scheduler: DDPMScheduler,
+    prompt_embeds: torch.Tensor,
+    null_embed: torch.Tensor,
+    config: VSDConfig,
+    student: nn.Module | None = None,
+) -> VSDState:
+    """Student, fake score, optimizers and accelerate for a fresh run (step 0); seeds the global CPU RNG.
+
+    Args:
+        teacher_unet: the frozen real score (a diffusers ``UNet2DConditionModel``); copied for the student and
+            the fake score, and itself set to ``requires_grad_(False)``.
+        scheduler: the teacher's DDPM scheduler (ᾱ for the one-step formula and the losses).
+        prompt_embeds: (N, L, D) cached text states of the training prompts; each step samples B of them.
+        null_embed: (1, L, D) or (L, D) states of the empty prompt (CFG's unconditional branch).
+        config: the run's :class:`VSDConfig`.
+        student: an already adapted student to train instead of the default, a copy of the teacher with
+            ``config.student_method`` at ``config.student_rank`` (e.g. LoRaD through the official forward hook,
+            for the training-step benchmark).
+    """
+    from accelerate import Accelerator
+
+    if prompt_embeds.ndim != 3:
+        raise ValueError(f"prompt_embeds must be (N, L, D), got shape {tuple(prompt_embeds.shape)}")
+    torch.manual_seed(config.seed)
+    # (1) Student: teacher weights + adapter at identity ("full": every parameter trainable), as `register_hooks`
+    #     adapts the official student (WaDi §3.2).
+    if student is None:
+        student = copy.deepcopy(teacher_unet)
+        inject(student, config.student_method, config.student_rank, "student")
+    # (2) Fake score: a second copy with the fake-rule adapter (`register_hooks_teacher`, the official
+    #     "teacher_lora"); the real score is the frozen teacher.
+    fake = copy.deepcopy(teacher_unet)
+    inject(fake, config.fake_method, config.fake_rank, "fake")
+    real = teacher_unet.requires_grad_(False).eval()
+    student.train()
+    fake.train()
+
+    # (3) AdamW for each, constant LR, weight decay 0 (`train_dkd_sd.py` uses bitsandbytes' 8-bit AdamW with the
+    #     same settings); gradient clipping in the step.
+    opt_student = torch.optim.AdamW(list(_trainable(student).values()), lr=config.student_lr, weight_decay=0.0)
+    opt_fake = torch.optim.AdamW(list(_trainable(fake).values()), lr=config.fake_lr, weight_decay=0.0)
+
+    # (4) accelerate: the same code on CPU, one GPU or `accelerate launch` over N GPUs (the official run: 8 × 16).
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    student, fake, opt_student, opt_fake = accelerator.prepare(student, fake, opt_student, opt_fake)
+    real.to(device)
+    raw_student, raw_fake = accelerator.unwrap_model(student), accelerator.unwrap_model(fake)
+    size = raw_student.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    # θ-EMA of the student's trainable parameters (fp32, on the training device), updated after each step.
+    ema = None if config.ema_decay is None else \
+        {n: p.detach().float().clone() for n, p in _trainable(raw_student).items()}
+    return VSDState(
+        config=config, scheduler=scheduler, accelerator=accelerator, student=student, fake=fake, real=real,
+        raw_student=raw_student, raw_fake=raw_fake, opt_student=opt_student, opt_fake=opt_fake,
+        generator=torch.Generator(device="cpu").manual_seed(config.seed + accelerator.process_index),
+        prompt_embeds=prompt_embeds.detach().to("cpu"),
+        null=null_embed.reshape(1, *prompt_embeds.shape[1:]).to(device),
+        latent_shape=(raw_student.config.in_channels, *size),
+        per_process_batch=max(1, config.batch_size // accelerator.num_processes), ema=ema,
+    )
+
+
+def resume_vsd(state: VSDState, out_dir: str | Path) -> int | None:
+    """(9) Resume from the latest checkpoint in ``out_dir``: parameters, optimizers, θ-EMA, RNG states, step.
+
+    Returns the step resumed from; None (``state`` untouched) when ``out_dir`` holds no checkpoint. The official
+    code's checkpoint hooks never fire (``docs/paper_notes.md#quirks-of-the-official-code``); this is ours.
+
+    Raises:
+        ValueError: the checkpoint was written with a different config (``steps``/``checkpoint_every`` aside).
+    """
+    path = latest_checkpoint(out_dir)
+    if path is None:
+        return None
+    tensors, metadata = _read_checkpoint(path)
+    _check_same_run(path, metadata, state.config)
+    _load_params(state.raw_student, tensors, "student", path)
+    _load_params(state.raw_fake, tensors, "fake", path)
+    _load_optimizer(state.opt_student, tensors, "optim.student")
+    _load_optimizer(state.opt_fake, tensors, "optim.fake")
+    if state.ema is not None:
+        state.ema = {n: tensors[f"ema.{n}"].to(state.accelerator.device) for n in state.ema}
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    state.generator.set_state(tensors["rng.generator"])
+    state.step, state.last_checkpoint = int(metadata["step"]), path
+    return state.step
+
+
+def sample_batch(state: VSDState) -> tuple[torch.Tensor, torch.Tensor]:
+    """(5a) B prompt states and z ~ N(0, I), both drawn from the loop generator."""
+    index = torch.randint(0, state.prompt_embeds.shape[0], (state.per_process_batch,), generator=state.generator)
+    z = torch.randn((state.per_process_batch, *state.latent_shape), generator=state.generator)
+    device = state.accelerator.device
+    return state.prompt_embeds[index].to(device), z.to(device)
+
+
+def _fake_update(state: VSDState, x0: torch.Tensor, cond: torch.Tensor, where: str) -> tuple[float, float]:
+    """(5d) One fake-score step on the student's detached samples."""
+    config, accelerator = state.config, state.accelerator
+    with accelerator.autocast():
+        loss = fake_score_loss(state.fake, x0.detach(), cond, state.null, state.scheduler, state.generator,
+                               null_dropout=config.fake_null_dropout, null_dropout_mode=config.fake_null_dropout_mode)
+    value = _check_finite(loss, "fake-score loss", where, state.last_checkpoint)
+    accelerator.backward(loss)
+    norm = accelerator.clip_grad_norm_(list(_trainable(state.raw_fake).values()), config.grad_clip)
+    state.opt_fake.step()
+    state.opt_fake.zero_grad(set_to_none=True)
+    return value, float(norm)
+
+
+def warm_up_fake(state: VSDState) -> None:
+    """(5b) Optional fake-score warm-up before the first generator step (``config.fake_warmup_steps``; 0 in the
+    official loop)."""
+    steps = state.config.fake_warmup_steps
+    for warm in range(steps):
+        cond, z = sample_batch(state)
+        with torch.no_grad(), state.accelerator.autocast():
+            x0 = one_step_x0(state.student, z, cond, state.scheduler)
+        _fake_update(state, x0, cond, f"fake warm-up step {warm + 1}/{steps}")
+
+
+def vsd_step(state: VSDState) -> dict[str, float]:
+    """One generator step and its fake-score update(s), as the student step of ``train_dkd_sd.py`` (WaDi §3.3).
+
+    Returns the values of the step's log row: generator_loss, fake_loss, student_grad_norm, fake_grad_norm.
+
+    Raises:
+        RuntimeError: a non-finite loss; nothing is updated at this step and the message names it.
+    """
+    config, accelerator = state.config, state.accelerator
+    state.step += 1
+    where = f"generator step {state.step}"
+    # (5a) Prompts, noise and the student's one-step sample x0 = (z − σ_T ε̂)/α_T.
+    cond, z = sample_batch(state)
+    with accelerator.autocast():
+        x0 = one_step_x0(state.student, z, cond, state.scheduler)
+        # (5c) Generator update: ½‖x0 − sg(x0 − σ_t²(ε_real − ε_fake))‖², both scores with CFG.
+        g_loss, _ = generator_loss(x0, state.real, state.fake, cond, state.null, state.scheduler,
+                                   config.guidance_scale, state.generator, t_range=config.t_range,
+                                   reduction=config.generator_loss_reduction,
+                                   normalize=config.normalize_generator_grad)
+    # (7) A non-finite loss stops before any update; the last checkpoint stays as it is.
+    g_value = _check_finite(g_loss, "generator loss", where, state.last_checkpoint)
+    accelerator.backward(g_loss)
+    s_norm = accelerator.clip_grad_norm_(list(_trainable(state.raw_student).values()), config.grad_clip)
+    state.opt_student.step()
+    state.opt_student.zero_grad(set_to_none=True)
+    if state.ema is not None:  # (5c') θ-EMA: ema ← d·ema + (1 − d)·θ
+        with torch.no_grad():
+            for name, param in _trainable(state.raw_student).items():
+                state.ema[name].lerp_(param.detach().float(), 1.0 - config.ema_decay)
+    state.opt_fake.zero_grad(set_to_none=True)  # nothing should have reached it; keep it clean anyway
+    # (5d) Fake-score update(s) on stopgrad(x0), fresh t/ε each.
+    for _ in range(config.fake_updates_per_step):
+        f_value, f_norm = _fake_update(state, x0, cond, where)
+    return {"generator_loss": g_value, "fake_loss": f_value, "student_grad_norm": float(s_norm),
+            "fake_grad_norm": f_norm}
+
+
+def save_vsd_checkpoint(state: VSDState, out_dir: str | Path) -> Path:
+    """(8) Atomic checkpoint ``checkpoint-<step>.safetensors`` in ``out_dir``; only the latest is kept."""
+    out_dir = Path(out_dir)
+    path = checkpoint_path(out_dir, state.step)
+    state.accelerator.wait_for_everyone()
+    if state.accelerator.is_main_process:
+        _write_checkpoint(path, state)
+        for old in out_dir.glob("checkpoint-*.safetensors"):
+            if old != path and _CHECKPOINT_RE.match(old.name):
+                old.unlink()
+    state.last_checkpoint = path
+    return path
+
+
 def train_vsd(
     teacher_unet: nn.Module,
     scheduler: DDPMScheduler,
@@ -204,15 +415,11 @@ def train_vsd(
     max_steps: int | None = None,
     progress: bool = True,
 ) -> VSDResult:
-    """Distil ``teacher_unet`` into a one-step student with VSD (DESIGN.md §4), resuming from ``out_dir``.
+    """Distil ``teacher_unet`` into a one-step student with VSD (WaDi §3.3), resuming from ``out_dir``.
 
     Args:
-        teacher_unet: the frozen real score (a diffusers ``UNet2DConditionModel``); copied for the student and
-            the fake score, and itself set to ``requires_grad_(False)``.
-        scheduler: the teacher's DDPM scheduler (ᾱ for the one-step formula and the losses).
-        prompt_embeds: (N, L, D) cached text states of the training prompts; each step samples B of them.
-        null_embed: (1, L, D) or (L, D) states of the empty prompt (CFG's unconditional branch).
-        config: the run's :class:`VSDConfig` (``steps`` generator steps in total).
+        teacher_unet, scheduler, prompt_embeds, null_embed, config: as for :func:`build_vsd`
+            (``config.steps`` generator steps in total).
         out_dir: holds ``log.csv`` and the latest ``checkpoint-<step>.safetensors``; a checkpoint there is
             resumed (same config required, except ``steps``/``checkpoint_every``).
         max_steps: stop once this many generator steps are done in total (all runs together), writing a
@@ -224,148 +431,42 @@ def train_vsd(
             checkpoint stays in ``out_dir``.
         ValueError: a checkpoint in ``out_dir`` from a different config, or bad inputs.
     """
-    from accelerate import Accelerator
-
-    if prompt_embeds.ndim != 3:
-        raise ValueError(f"prompt_embeds must be (N, L, D), got shape {tuple(prompt_embeds.shape)}")
-    null_embed = null_embed.reshape(1, *prompt_embeds.shape[1:])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / LOG_NAME
     stop = config.steps if max_steps is None else min(int(max_steps), config.steps)
 
     with torch.random.fork_rng(devices=[]):  # the caller's global CPU RNG is left as it was
-        torch.manual_seed(config.seed)
-        # (1) Student: teacher weights + adapter at identity ("full": every parameter trainable).
-        student = copy.deepcopy(teacher_unet)
-        inject(student, config.student_method, config.student_rank, "student")
-        # (2) Fake score: a second copy with the fake-rule adapter; the real score is the frozen teacher.
-        fake = copy.deepcopy(teacher_unet)
-        inject(fake, config.fake_method, config.fake_rank, "fake")
-        real = teacher_unet.requires_grad_(False).eval()
-        student.train()
-        fake.train()
+        state = build_vsd(teacher_unet, scheduler, prompt_embeds, null_embed, config)  # (1)-(4)
+        resumed_from = resume_vsd(state, out_dir)  # (9)
+        main_process = state.accelerator.is_main_process
+        if main_process:
+            _prepare_log(log_path, keep_until=state.step)
+        if resumed_from is None:
+            warm_up_fake(state)  # (5b), only in a fresh run
 
-        # (3) AdamW for each (constant LR), gradient clipping below.
-        opt_student = torch.optim.AdamW(list(_trainable(student).values()), lr=config.student_lr, weight_decay=0.0)
-        opt_fake = torch.optim.AdamW(list(_trainable(fake).values()), lr=config.fake_lr, weight_decay=0.0)
-
-        # (4) accelerate: the same code on CPU, one GPU or `accelerate launch` over N GPUs.
-        accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
-        device = accelerator.device
-        student, fake, opt_student, opt_fake = accelerator.prepare(student, fake, opt_student, opt_fake)
-        real.to(device)
-        raw_student, raw_fake = accelerator.unwrap_model(student), accelerator.unwrap_model(fake)
-        per_process_batch = max(1, config.batch_size // accelerator.num_processes)
-        generator = torch.Generator(device="cpu").manual_seed(config.seed + accelerator.process_index)
-        embeds_cpu = prompt_embeds.detach().to("cpu")
-        null = null_embed.to(device)
-        channels = raw_student.config.in_channels
-        size = raw_student.config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-
-        # (9) Resume from the latest checkpoint in out_dir: parameters, optimizers, RNG states, step.
-        # θ-EMA of the student's trainable parameters (fp32, on the training device), updated after each step.
-        ema = None if config.ema_decay is None else \
-            {n: p.detach().float().clone() for n, p in _trainable(raw_student).items()}
-        start, resumed_from, last_checkpoint = 0, None, latest_checkpoint(out_dir)
-        if last_checkpoint is not None:
-            tensors, metadata = _read_checkpoint(last_checkpoint)
-            _check_same_run(last_checkpoint, metadata, config)
-            _load_params(raw_student, tensors, "student", last_checkpoint)
-            _load_params(raw_fake, tensors, "fake", last_checkpoint)
-            _load_optimizer(opt_student, tensors, "optim.student")
-            _load_optimizer(opt_fake, tensors, "optim.fake")
-            if ema is not None:
-                ema = {n: tensors[f"ema.{n}"].to(device) for n in ema}
-            torch.set_rng_state(tensors["rng.torch_cpu"])
-            generator.set_state(tensors["rng.generator"])
-            start = resumed_from = int(metadata["step"])
-        if accelerator.is_main_process:
-            _prepare_log(log_path, keep_until=start)
-
-        def sample_batch() -> tuple[torch.Tensor, torch.Tensor]:
-            """(5a) B prompt states and z ~ N(0, I), both drawn from the loop generator."""
-            index = torch.randint(0, embeds_cpu.shape[0], (per_process_batch,), generator=generator)
-            z = torch.randn((per_process_batch, channels, *size), generator=generator)
-            return embeds_cpu[index].to(device), z.to(device)
-
-        def fake_update(x0: torch.Tensor, cond: torch.Tensor, where: str) -> tuple[float, float]:
-            """(5d) One fake-score step on the student's detached samples."""
-            with accelerator.autocast():
-                loss = fake_score_loss(fake, x0.detach(), cond, null, scheduler, generator,
-                                       null_dropout=config.fake_null_dropout,
-                                       null_dropout_mode=config.fake_null_dropout_mode)
-            value = _check_finite(loss, "fake-score loss", where, last_checkpoint)
-            accelerator.backward(loss)
-            norm = accelerator.clip_grad_norm_(list(_trainable(raw_fake).values()), config.grad_clip)
-            opt_fake.step()
-            opt_fake.zero_grad(set_to_none=True)
-            return value, float(norm)
-
-        # (5b) Optional fake-score warm-up before the first generator step (only in a fresh run).
-        if start == 0:
-            for warm in range(config.fake_warmup_steps):
-                cond, z = sample_batch()
-                with torch.no_grad(), accelerator.autocast():
-                    x0 = one_step_x0(student, z, cond, scheduler)
-                fake_update(x0, cond, f"fake warm-up step {warm + 1}/{config.fake_warmup_steps}")
-
-        bar = tqdm(total=stop, initial=start, desc="VSD", disable=not progress or not accelerator.is_main_process)
-        step = start
-        while step < stop:
-            step += 1
+        bar = tqdm(total=stop, initial=state.step, desc="VSD", disable=not progress or not main_process)
+        while state.step < stop:
             began = time.perf_counter()
-            where = f"generator step {step}"
-            # (5a) Prompts, noise and the student's one-step sample x0 = (z − σ_T ε̂)/α_T.
-            cond, z = sample_batch()
-            with accelerator.autocast():
-                x0 = one_step_x0(student, z, cond, scheduler)
-                # (5c) Generator update: ½‖x0 − sg(x0 − σ_t²(ε_real − ε_fake))‖², both scores with CFG.
-                g_loss, _ = generator_loss(x0, real, fake, cond, null, scheduler, config.guidance_scale, generator,
-                                           t_range=config.t_range, reduction=config.generator_loss_reduction,
-                                           normalize=config.normalize_generator_grad)
-            # (7) A non-finite loss stops before any update; the last checkpoint stays as it is.
-            g_value = _check_finite(g_loss, "generator loss", where, last_checkpoint)
-            accelerator.backward(g_loss)
-            s_norm = accelerator.clip_grad_norm_(list(_trainable(raw_student).values()), config.grad_clip)
-            opt_student.step()
-            opt_student.zero_grad(set_to_none=True)
-            if ema is not None:  # (5c') θ-EMA: ema ← d·ema + (1 − d)·θ
-                with torch.no_grad():
-                    for name, param in _trainable(raw_student).items():
-                        ema[name].lerp_(param.detach().float(), 1.0 - config.ema_decay)
-            opt_fake.zero_grad(set_to_none=True)  # nothing should have reached it; keep it clean anyway
-            # (5d) Fake-score update(s) on stopgrad(x0), fresh t/ε each.
-            for _ in range(config.fake_updates_per_step):
-                f_value, f_norm = fake_update(x0, cond, where)
+            values = vsd_step(state)  # (5a)-(5d), (7)
             seconds = time.perf_counter() - began
             # (6) Per-step log (appended and flushed: a crash loses at most the row being written).
-            if accelerator.is_main_process:
-                _append_log(log_path, {"step": step, "generator_loss": _fmt(g_value), "fake_loss": _fmt(f_value),
-                                       "student_grad_norm": _fmt(s_norm), "fake_grad_norm": _fmt(f_norm),
+            if main_process:
+                _append_log(log_path, {"step": state.step, **{k: _fmt(v) for k, v in values.items()},
                                        "seconds": _fmt(seconds)})
             bar.update(1)
-            bar.set_postfix(g=f"{g_value:.3g}", fake=f"{f_value:.3g}")
+            bar.set_postfix(g=f"{values['generator_loss']:.3g}", fake=f"{values['fake_loss']:.3g}")
             # (8) Atomic checkpoint every checkpoint_every steps and at the stop; keep only the latest.
-            if step % config.checkpoint_every == 0 or step == stop:
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    path = checkpoint_path(out_dir, step)
-                    _save_checkpoint(path, step, raw_student, raw_fake, opt_student, opt_fake, generator, config,
-                                     ema)
-                    for old in out_dir.glob("checkpoint-*.safetensors"):
-                        if old != path and _CHECKPOINT_RE.match(old.name):
-                            old.unlink()
-                    last_checkpoint = path
+            if state.step % config.checkpoint_every == 0 or state.step == stop:
+                save_vsd_checkpoint(state, out_dir)
         bar.close()
 
     ema_student = None
-    if ema is not None:
-        ema_student = copy.deepcopy(raw_student).eval()
+    if state.ema is not None:
+        ema_student = copy.deepcopy(state.raw_student).eval()
         with torch.no_grad():
             for name, param in _trainable(ema_student).items():
-                param.copy_(ema[name])
+                param.copy_(state.ema[name])
     log = pd.read_csv(log_path) if log_path.exists() else pd.DataFrame(columns=LOG_COLUMNS)
-    return VSDResult(student=raw_student, fake=raw_fake, ema_student=ema_student, log=log, steps_done=step,
-                     resumed_from=resumed_from)
+    return VSDResult(student=state.raw_student, fake=state.raw_fake, ema_student=ema_student, log=log,
+                     steps_done=state.step, resumed_from=resumed_from)
