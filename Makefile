@@ -6,8 +6,9 @@
 #   PROFILE=smoke make reproduce   another profile: smoke | tiny | paper
 #   make lint                      ruff over wadi_core, tests and notebooks (part of make test)
 #   make test                      lint, unit tests, smoke run of every notebook, nbval of the committed notebooks
-#   make bench                     per-layer cost of LoRaD vs the official hook, LoRA, DoRA (results/tables/lorad_bench.*)
-#   make bench-kernels             fused Triton LoRaD vs the GEMM floor (results/tables/kernel_bench_<device>.csv)
+#   make bench                     LoRaD's cost per Linear, per tiny-world training step and per SD1.5 U-Net step
+#                                  (python -m wadi_core.benchmarks layers, training-step, sd15-step; about 20 minutes)
+#   make bench-kernels             fused Triton LoRaD vs the GEMM floor (python -m wadi_core.benchmarks kernels)
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -89,14 +90,18 @@ else
 	WADI_METRICS_RESULTS_DIR="$$results_dir" $(PY) -m pytest tests/test_notebook_metrics.py -q
 endif
 
-# Forward+backward time and saved-for-backward bytes per adapted Linear at SD1.5 shapes (issue 3); a few minutes.
+# Forward+backward time and saved-for-backward bytes per adapted Linear at SD1.5 shapes, per WaDi generator step of
+# each tiny-world student, and per student step of the SD1.5 U-Net (one thread, each variant in its own process);
+# results/tables/benchmarks_{layers,training_step,sd15_step}.*.
 bench: venv
-	$(PY) -m wadi_core.bench lorad
+	$(PY) -m wadi_core.benchmarks layers
+	$(PY) -m wadi_core.benchmarks training-step
+	OMP_NUM_THREADS=1 $(PY) -m wadi_core.benchmarks sd15-step --threads 1
 
-# Fused Triton LoRaD vs reference, official hook, plain Linears and the GEMM floor at SD1.5 shapes (issue 6):
-# fp16/bf16 on a CUDA GPU, fp32 on CPU (no Triton rows there); results/tables/kernel_bench_<device>.csv.
+# Fused Triton LoRaD vs reference, official hook, plain Linears and the GEMM floor at SD1.5 shapes: fp16/bf16 on a
+# CUDA GPU, fp32 on CPU (no Triton rows there); results/tables/benchmarks_kernels_<device>.csv.
 bench-kernels: venv
-	$(PY) -m wadi_core.kernels.bench --out results/tables --iters 10 --warmup 2 --budget-s 3600
+	$(PY) -m wadi_core.benchmarks kernels --out results/tables --iters 10 --warmup 2 --budget-s 3600
 
 # Python and notebook caches and build leftovers; keeps .venv, data/ and results/.
 clean:

@@ -1,0 +1,159 @@
+"""What a VSD training step and a one-step student cost in the tiny world (WaDi §3.3, §3.2).
+
+``python -m wadi_core.benchmarks training-step`` times one WaDi generator step, :func:`wadi_core.distill.vsd_step`
+(the function the training loop runs, so the measurement cannot drift from the loop), for every student method
+and for a LoRaD student built the official way (``register_hooks`` / ``hook_fn`` of ``train_dkd_sd.py``: every
+adapted Linear runs twice and keeps W', cos, sin for backward). Beside it: the student's own forward+backward and
+the bytes autograd keeps for backward in the student's forward (:func:`~.measure.saved_for_backward_bytes`,
+parameters excluded), the part of a step's peak that grows with the adapter's implementation. Measured, never
+asserted; medians of :func:`~.measure.time_ms`.
+
+Table: ``results/tables/benchmarks_training_step.{csv,md,tex}`` (``--quick``: ``*_quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ..adapters import count_trainable, select_layers
+from ..adapters.official_hook import OfficialHookLoRaD
+from ..diffusion import one_step_x0
+from ..distill.config import VSDConfig
+from ..distill.vsd import build_vsd, sample_batch, vsd_step
+from ..reporting import save_table
+from .measure import environment_header, median_ms, saved_for_backward_bytes, time_ms
+
+OFFICIAL_HOOK = "lorad_official_hook"  # the row of the LoRaD student adapted the official way
+
+
+def inject_official_hook(model: nn.Module, rank: int, rule: str = "student") -> list[str]:
+    """Adapt ``model`` in place the official way: every Linear of ``rule`` becomes an
+    :class:`~wadi_core.adapters.official_hook.OfficialHookLoRaD` (``theta_a``/``theta_b`` + the forward hook), every
+    other parameter is frozen. Returns the adapted names, as :func:`wadi_core.adapters.inject` does."""
+    model.requires_grad_(False)
+    names = select_layers(model, rule)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, OfficialHookLoRaD(getattr(parent, child), rank))
+    return names
+
+
+def official_hook_student(teacher: nn.Module, rank: int) -> nn.Module:
+    """A teacher copy adapted by :func:`inject_official_hook` on the student rule."""
+    student = copy.deepcopy(teacher)
+    inject_official_hook(student, rank)
+    return student
+
+
+def training_step_cost(
+    teacher: nn.Module,
+    scheduler,
+    prompt_embeds: torch.Tensor,
+    null_embed: torch.Tensor,
+    config: VSDConfig,
+    official_hook: bool = False,
+    repeats: int = 5,
+    warmup: int = 2,
+) -> dict[str, float]:
+    """Median seconds of one :func:`~wadi_core.distill.vsd_step` (student one-step forward, real/fake CFG scores,
+    student backward + clipping + AdamW, ``fake_updates_per_step`` fake-score updates) and of the student's
+    forward+backward alone, plus the student forward's saved-for-backward MiB.
+
+    The run is set up by :func:`~wadi_core.distill.build_vsd` from ``config`` (the student is
+    ``config.student_method`` at ``config.student_rank``; ``official_hook=True`` builds a LoRaD student the
+    official way instead), inside a forked RNG scope, so the caller's global RNG is untouched. ``warmup`` untimed
+    rounds come first (allocator and kernel caches). ``teacher`` is frozen, as the training loop freezes it.
+
+    Returns:
+        ``{"step_s", "student_fwd_bwd_s", "student_saved_MiB", "trainable"}`` (trainable: the student's trainable
+        parameters).
+    """
+    if official_hook and config.student_method != "lorad":
+        raise ValueError(f"official_hook=True needs student_method 'lorad', got {config.student_method!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        student = official_hook_student(teacher, config.student_rank) if official_hook else None
+        state = build_vsd(teacher, scheduler, prompt_embeds, null_embed, config, student=student)
+        student = state.student
+
+        def student_forward_backward():
+            cond, z = sample_batch(state)
+            one_step_x0(student, z, cond, scheduler).sum().backward()
+            state.opt_student.zero_grad(set_to_none=True)
+
+        seconds = time_ms({"step": lambda: vsd_step(state), "student": student_forward_backward}, repeats, warmup)
+        cond, z = sample_batch(state)
+        saved = saved_for_backward_bytes(lambda: one_step_x0(student, z, cond, scheduler),
+                                         [*student.parameters(), *student.buffers(), z, cond])
+        state.opt_student.zero_grad(set_to_none=True)
+    return {"step_s": seconds["step"] / 1e3, "student_fwd_bwd_s": seconds["student"] / 1e3,
+            "student_saved_MiB": saved / 2**20, "trainable": count_trainable(student)}
+
+
+@torch.no_grad()
+def unet_call_seconds(unet: nn.Module, prompt_embeds: torch.Tensor, batch_size: int, repeats: int = 10,
+                      seed: int = 0) -> float:
+    """Median seconds of one U-Net call on ``batch_size`` noisy inputs (t = T−1, no CFG), after one untimed call:
+    what a one-step student costs at inference."""
+    generator = torch.Generator().manual_seed(seed)
+    channels, size = unet.config.in_channels, unet.config.sample_size
+    z = torch.randn(batch_size, channels, size, size, generator=generator)
+    cond = prompt_embeds[:batch_size]
+    t = torch.full((batch_size,), 999, dtype=torch.long)
+    return median_ms(lambda: unet(z, t, encoder_hidden_states=cond), repeats) / 1e3
+
+
+def run_training_step_benchmark(profile_name: str = "tiny", repeats: int = 5, warmup: int = 2,
+                                prompts: int | None = None, batch_size: int | None = None) -> pd.DataFrame:
+    """:func:`training_step_cost` of the official-hook LoRaD student and of every student method of
+    ``profile_name``'s recipe, on its bundled teacher and the training split's captions (the setting of notebook
+    03). ``prompts`` keeps the first prompts only and ``batch_size`` overrides the recipe's (quick runs).
+
+    Returns one row per student (index: ``lorad_official_hook`` then :data:`~wadi_core.distill.STUDENT_METHODS`):
+    the columns of :func:`training_step_cost`.
+    """
+    from ..backbones import load_tiny_backbone
+    from ..distill import STUDENT_METHODS, prompt_embeddings, student_config
+    from ..profiles import get_profile
+    from ..world import make_split
+
+    profile = get_profile(profile_name)
+    backbone = load_tiny_backbone(profile)
+    captions = sorted(set(make_split("train", profile.world).captions))[:prompts]
+    embeds = prompt_embeddings(backbone, captions)
+    overrides = {} if batch_size is None else {"batch_size": batch_size}
+    rows = {}
+    for name in (OFFICIAL_HOOK, *STUDENT_METHODS):
+        method = "lorad" if name == OFFICIAL_HOOK else name
+        config = student_config(profile.distill, method, **overrides)
+        rows[name] = training_step_cost(backbone.unet, backbone.scheduler, embeds, backbone.null_embedding(),
+                                        config, official_hook=name == OFFICIAL_HOOK, repeats=repeats, warmup=warmup)
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("student")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``python -m wadi_core.benchmarks training-step``."""
+    parser.add_argument("--profile", default="tiny", help="profile whose recipe and bundled teacher are used")
+    parser.add_argument("--repeats", type=int, help="timed steps per student, median reported (default 5; quick 1)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default 2; quick 0)")
+    parser.add_argument("--quick", action="store_true", help="64 prompts, batch 2, one step; table *_quick")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the training-step benchmark, print and save its table."""
+    repeats = args.repeats or (1 if args.quick else 5)
+    warmup = args.warmup if args.warmup is not None else (0 if args.quick else 2)
+    sizes = {"prompts": 64, "batch_size": 2} if args.quick else {}
+    header = f"{environment_header()}; profile {args.profile}, median of {repeats}"
+    print(header)
+    table = run_training_step_benchmark(args.profile, repeats, warmup, **sizes)
+    print(table.to_string(float_format="{:.4g}".format))
+    stem = "benchmarks_training_step_quick" if args.quick else "benchmarks_training_step"
+    save_table(table, stem, caption=f"One WaDi generator step per student ({header})")
+    return 0
