@@ -14,7 +14,7 @@ from wadi_core.adapters.official_hook import OfficialHookLoRaD
 from wadi_core.backbones.tiny import make_scheduler
 from wadi_core.benchmarks import training_step
 from wadi_core.benchmarks.__main__ import main
-from wadi_core.benchmarks.training_step import official_hook_student, training_step_cost, unet_call_seconds
+from wadi_core.benchmarks.training_step import official_hook_student, training_step_costs, unet_call_seconds
 from wadi_core.distill import STUDENT_METHODS, VSDConfig, one_step_x0
 
 COST_KEYS = {"step_s", "student_fwd_bwd_s", "student_saved_MiB", "trainable"}
@@ -40,34 +40,37 @@ def test_official_hook_student_matches_ours_at_init_and_has_the_same_trainable_c
                                    one_step_x0(teacher, z, prompts[0][:BATCH], make_scheduler()))
 
 
-@pytest.mark.parametrize("method, official_hook", [("lorad", False), ("lorad", True), ("full", False)])
-def test_training_step_cost_reports_positive_times_and_saved_bytes(prompts, method, official_hook):
-    config = VSDConfig(student_method=method, student_rank=2, fake_method="lora", fake_rank=2, batch_size=BATCH)
+def recipe(method: str) -> VSDConfig:
+    return VSDConfig(student_method=method, student_rank=2, fake_method="lora", fake_rank=2, batch_size=BATCH)
+
+
+def test_training_step_costs_report_positive_times_and_saved_bytes_per_student(prompts):
     teacher = tiny_unet()
     state = torch.get_rng_state()
-    cost = training_step_cost(teacher, make_scheduler(), prompts[0], prompts[1], config, official_hook, repeats=1,
-                              warmup=1)
+    students = {"ours": (recipe("lorad"), False), "official": (recipe("lorad"), True), "full": (recipe("full"), False)}
+    costs = training_step_costs(teacher, make_scheduler(), prompts[0], prompts[1], students, repeats=1, warmup=1)
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
-    assert set(cost) == COST_KEYS
-    assert cost["step_s"] > 0 and cost["student_fwd_bwd_s"] > 0 and cost["student_saved_MiB"] > 0
-    assert cost["trainable"] == (sum(p.numel() for p in teacher.parameters()) if method == "full" else
-                                 count_trainable(official_hook_student(teacher, 2)))
+    assert costs.index.tolist() == ["ours", "official", "full"] and set(costs.columns) == COST_KEYS
+    assert (costs[["step_s", "student_fwd_bwd_s", "student_saved_MiB"]] > 0).all().all()
+    assert costs.loc["full", "trainable"] == sum(p.numel() for p in teacher.parameters())
+    assert costs.loc["ours", "trainable"] == costs.loc["official", "trainable"] == count_trainable(
+        official_hook_student(teacher, 2))
     assert all(not p.requires_grad for p in teacher.parameters())
 
 
-def test_the_timed_step_is_the_training_loops(prompts, monkeypatch):
+def test_the_timed_step_is_the_training_loops_interleaved(prompts, monkeypatch):
     steps = []
     real_step = training_step.vsd_step
-    monkeypatch.setattr(training_step, "vsd_step", lambda state: steps.append(state.step) or real_step(state))
-    config = VSDConfig(student_method="lorad", student_rank=2, fake_method="lora", fake_rank=2, batch_size=BATCH)
-    training_step_cost(tiny_unet(), make_scheduler(), prompts[0], prompts[1], config, repeats=2, warmup=1)
-    assert steps == [0, 1, 2]
+    monkeypatch.setattr(training_step, "vsd_step",
+                        lambda state: steps.append((state.config.student_method, state.step)) or real_step(state))
+    students = {"lorad": (recipe("lorad"), False), "lora": (recipe("lora"), False)}
+    training_step_costs(tiny_unet(), make_scheduler(), prompts[0], prompts[1], students, repeats=2, warmup=1)
+    assert steps == [("lorad", 0), ("lora", 0), ("lorad", 1), ("lora", 1), ("lorad", 2), ("lora", 2)]
 
 
 def test_official_hook_needs_a_lorad_student(prompts):
     with pytest.raises(ValueError, match="official_hook"):
-        training_step_cost(tiny_unet(), make_scheduler(), prompts[0], prompts[1], VSDConfig(student_method="lora"),
-                           True)
+        training_step_costs(tiny_unet(), make_scheduler(), prompts[0], prompts[1], {"x": (recipe("lora"), True)})
 
 
 def test_unet_call_seconds_is_positive(prompts):

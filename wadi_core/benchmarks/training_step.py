@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+from functools import partial
+from typing import Mapping
 
 import pandas as pd
 import torch
@@ -24,7 +26,7 @@ from ..adapters import count_trainable, select_layers
 from ..adapters.official_hook import OfficialHookLoRaD
 from ..diffusion import one_step_x0
 from ..distill.config import VSDConfig
-from ..distill.vsd import build_vsd, sample_batch, vsd_step
+from ..distill.vsd import VSDState, build_vsd, sample_batch, vsd_step
 from ..reporting import save_table
 from .measure import environment_header, median_ms, saved_for_backward_bytes, time_ms
 
@@ -51,49 +53,66 @@ def official_hook_student(teacher: nn.Module, rank: int) -> nn.Module:
     return student
 
 
-def training_step_cost(
+def training_step_costs(
     teacher: nn.Module,
     scheduler,
     prompt_embeds: torch.Tensor,
     null_embed: torch.Tensor,
-    config: VSDConfig,
-    official_hook: bool = False,
+    students: Mapping[str, tuple[VSDConfig, bool]],
     repeats: int = 5,
     warmup: int = 2,
-) -> dict[str, float]:
+) -> pd.DataFrame:
     """Median seconds of one :func:`~wadi_core.distill.vsd_step` (student one-step forward, real/fake CFG scores,
     student backward + clipping + AdamW, ``fake_updates_per_step`` fake-score updates) and of the student's
-    forward+backward alone, plus the student forward's saved-for-backward MiB.
+    forward+backward alone, the student forward's saved-for-backward MiB and its trainable parameters, per student.
 
-    The run is set up by :func:`~wadi_core.distill.build_vsd` from ``config`` (the student is
-    ``config.student_method`` at ``config.student_rank``; ``official_hook=True`` builds a LoRaD student the
-    official way instead), inside a forked RNG scope, so the caller's global RNG is untouched. ``warmup`` untimed
-    rounds come first (allocator and kernel caches). ``teacher`` is frozen, as the training loop freezes it.
+    Args:
+        teacher, scheduler, prompt_embeds, null_embed: as for :func:`~wadi_core.distill.build_vsd` (``teacher`` is
+            frozen, as the training loop freezes it).
+        students: ``{name: (config, official_hook)}``; each run is set up by :func:`~wadi_core.distill.build_vsd`
+            from its config (the student is ``config.student_method`` at ``config.student_rank``;
+            ``official_hook=True`` builds a LoRaD student the official way instead).
+        repeats, warmup: timed and untimed rounds; every round runs each student's step and forward+backward once
+            (interleaved, so a burst of load from other processes slows every student alike).
 
     Returns:
-        ``{"step_s", "student_fwd_bwd_s", "student_saved_MiB", "trainable"}`` (trainable: the student's trainable
-        parameters).
+        One row per student (index ``student``): step_s, student_fwd_bwd_s, student_saved_MiB, trainable. The
+        caller's global RNG is left as it was.
     """
-    if official_hook and config.student_method != "lorad":
-        raise ValueError(f"official_hook=True needs student_method 'lorad', got {config.student_method!r}")
+    for name, (config, official_hook) in students.items():
+        if official_hook and config.student_method != "lorad":
+            raise ValueError(f"{name}: official_hook=True needs student_method 'lorad', got {config.student_method!r}")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        student = official_hook_student(teacher, config.student_rank) if official_hook else None
-        state = build_vsd(teacher, scheduler, prompt_embeds, null_embed, config, student=student)
-        student = state.student
+        states = {}
+        for name, (config, official_hook) in students.items():
+            torch.manual_seed(config.seed)
+            student = official_hook_student(teacher, config.student_rank) if official_hook else None
+            states[name] = build_vsd(teacher, scheduler, prompt_embeds, null_embed, config, student=student)
+        calls = {}
+        for name, state in states.items():
+            calls[f"{name}: step"] = partial(vsd_step, state)
+            calls[f"{name}: student"] = partial(_student_forward_backward, state)
+        ms = time_ms(calls, repeats, warmup)
+        rows = {name: {"step_s": ms[f"{name}: step"] / 1e3, "student_fwd_bwd_s": ms[f"{name}: student"] / 1e3,
+                       "student_saved_MiB": _student_saved_bytes(state) / 2**20,
+                       "trainable": count_trainable(state.student)}
+                for name, state in states.items()}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("student")
 
-        def student_forward_backward():
-            cond, z = sample_batch(state)
-            one_step_x0(student, z, cond, scheduler).sum().backward()
-            state.opt_student.zero_grad(set_to_none=True)
 
-        seconds = time_ms({"step": lambda: vsd_step(state), "student": student_forward_backward}, repeats, warmup)
-        cond, z = sample_batch(state)
-        saved = saved_for_backward_bytes(lambda: one_step_x0(student, z, cond, scheduler),
-                                         [*student.parameters(), *student.buffers(), z, cond])
-        state.opt_student.zero_grad(set_to_none=True)
-    return {"step_s": seconds["step"] / 1e3, "student_fwd_bwd_s": seconds["student"] / 1e3,
-            "student_saved_MiB": saved / 2**20, "trainable": count_trainable(student)}
+def _student_forward_backward(state: VSDState) -> None:
+    cond, z = sample_batch(state)
+    one_step_x0(state.student, z, cond, state.scheduler).sum().backward()
+    state.opt_student.zero_grad(set_to_none=True)
+
+
+def _student_saved_bytes(state: VSDState) -> int:
+    cond, z = sample_batch(state)
+    student = state.student
+    saved = saved_for_backward_bytes(lambda: one_step_x0(student, z, cond, state.scheduler),
+                                     [*student.parameters(), *student.buffers(), z, cond])
+    state.opt_student.zero_grad(set_to_none=True)
+    return saved
 
 
 @torch.no_grad()
@@ -111,12 +130,11 @@ def unet_call_seconds(unet: nn.Module, prompt_embeds: torch.Tensor, batch_size: 
 
 def run_training_step_benchmark(profile_name: str = "tiny", repeats: int = 5, warmup: int = 2,
                                 prompts: int | None = None, batch_size: int | None = None) -> pd.DataFrame:
-    """:func:`training_step_cost` of the official-hook LoRaD student and of every student method of
+    """:func:`training_step_costs` of the official-hook LoRaD student and of every student method of
     ``profile_name``'s recipe, on its bundled teacher and the training split's captions (the setting of notebook
     03). ``prompts`` keeps the first prompts only and ``batch_size`` overrides the recipe's (quick runs).
 
-    Returns one row per student (index: ``lorad_official_hook`` then :data:`~wadi_core.distill.STUDENT_METHODS`):
-    the columns of :func:`training_step_cost`.
+    Returns one row per student (index: ``lorad_official_hook`` then :data:`~wadi_core.distill.STUDENT_METHODS`).
     """
     from ..backbones import load_tiny_backbone
     from ..distill import STUDENT_METHODS, prompt_embeddings, student_config
@@ -128,13 +146,10 @@ def run_training_step_benchmark(profile_name: str = "tiny", repeats: int = 5, wa
     captions = sorted(set(make_split("train", profile.world).captions))[:prompts]
     embeds = prompt_embeddings(backbone, captions)
     overrides = {} if batch_size is None else {"batch_size": batch_size}
-    rows = {}
-    for name in (OFFICIAL_HOOK, *STUDENT_METHODS):
-        method = "lorad" if name == OFFICIAL_HOOK else name
-        config = student_config(profile.distill, method, **overrides)
-        rows[name] = training_step_cost(backbone.unet, backbone.scheduler, embeds, backbone.null_embedding(),
-                                        config, official_hook=name == OFFICIAL_HOOK, repeats=repeats, warmup=warmup)
-    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("student")
+    students = {OFFICIAL_HOOK: (student_config(profile.distill, "lorad", **overrides), True)}
+    students.update({m: (student_config(profile.distill, m, **overrides), False) for m in STUDENT_METHODS})
+    return training_step_costs(backbone.unet, backbone.scheduler, embeds, backbone.null_embedding(), students,
+                               repeats, warmup)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
