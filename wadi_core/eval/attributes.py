@@ -103,7 +103,8 @@ def attribute_table(reader: ShapesFeatureNet, images: torch.Tensor, prompts: lis
             row["position"] = first in found and region_of(cx, cy) == spec.position
         if spec.relation is not None:
             second = COMBOS.index(spec.objects[1])
-            row["relation"] = wanted <= found and relation_between((cx, cy), tuple(geo[second, :2].tolist())) == spec.relation
+            second_centre = tuple(geo[second, :2].tolist())
+            row["relation"] = wanted <= found and relation_between((cx, cy), second_centre) == spec.relation
         named = [row[k] for k in ("size", "position", "relation") if row[k] == row[k]]  # skip NaN
         row["all"] = bool(row["objects"] and all(named))
         rows.append(row)
