@@ -23,8 +23,6 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from ..diffusion import one_step_x0  # noqa: F401
-
 # Reductions of the generator surrogate loss (see :func:`generator_loss`).
 GENERATOR_REDUCTIONS = ("mean", "sum_pixels")
 # Null-prompt dropout of the fake-score loss (see :func:`fake_score_loss`).
