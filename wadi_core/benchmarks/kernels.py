@@ -269,9 +269,9 @@ def saved_bytes_by_rank(tokens: int, out_f: int, in_f: int, ranks: tuple[int, ..
 
 def _triton_function(device: torch.device):
     """(TritonLoRaDFunction or None, triton version or why not) for ``device``."""
-    from ..kernels import _interpreting
+    from ..kernels import triton_interpreting
 
-    if device.type != "cuda" and not _interpreting():
+    if device.type != "cuda" and not triton_interpreting():
         return None, "not run (CPU: Triton only in its interpreter, TRITON_INTERPRET=1)"
     try:
         import triton

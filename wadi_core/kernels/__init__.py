@@ -25,10 +25,11 @@ import torch
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "WADI_LORAD_BACKEND"
 
-__all__ = ["BACKENDS", "ENV_VAR", "TritonLoRaDFunction", "lorad_linear", "select_backend"]
+__all__ = ["BACKENDS", "ENV_VAR", "TritonLoRaDFunction", "lorad_linear", "select_backend", "triton_interpreting"]
 
 
-def _interpreting() -> bool:
+def triton_interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors, in Triton's interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -46,7 +47,7 @@ def select_backend(x: torch.Tensor) -> str:
     if choice == "triton":
         if not _triton_available():
             raise RuntimeError(f"{ENV_VAR}=triton but triton is not installed")
-        if x.device.type != "cuda" and not _interpreting():
+        if x.device.type != "cuda" and not triton_interpreting():
             raise RuntimeError(
                 f"{ENV_VAR}=triton on a {x.device.type} tensor needs Triton's CPU interpreter: set "
                 "TRITON_INTERPRET=1 before triton is imported (slow; meant for tests), or use CUDA tensors"
