@@ -7,6 +7,7 @@ import copy
 import pandas as pd
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from test_vsd_train import BATCH, CHANNELS, DIM, PROMPTS, SIZE, TOKENS, tiny_unet
 
 from wadi_core.adapters import count_trainable, inject
@@ -73,8 +74,13 @@ def test_official_hook_needs_a_lorad_student(prompts):
         training_step_costs(tiny_unet(), make_scheduler(), prompts[0], prompts[1], {"x": (recipe("lora"), True)})
 
 
-def test_unet_call_seconds_is_positive(prompts):
-    assert unet_call_seconds(tiny_unet(), prompts[0], BATCH, repeats=2) > 0
+def test_unet_call_seconds_times_each_unet_and_checks_their_inputs(prompts):
+    first, second = tiny_unet(), tiny_unet()
+    seconds = unet_call_seconds({"first": first, "second": second}, prompts[0], BATCH, repeats=2)
+    assert list(seconds) == ["first", "second"] and all(value > 0 for value in seconds.values())
+    other = UNet2DConditionModel.from_config({**first.config, "sample_size": first.config.sample_size * 2})
+    with pytest.raises(ValueError, match="different inputs"):
+        unet_call_seconds({"first": first, "other": other}, prompts[0], BATCH, repeats=1)
 
 
 def test_cli_quick_writes_one_row_per_student(tmp_path, monkeypatch):

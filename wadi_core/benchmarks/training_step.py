@@ -28,7 +28,7 @@ from ..diffusion import one_step_x0
 from ..distill.config import VSDConfig
 from ..distill.vsd import VSDState, build_vsd, sample_batch, vsd_step
 from ..reporting import save_table
-from .measure import environment_header, median_ms, saved_for_backward_bytes, time_ms
+from .measure import environment_header, saved_for_backward_bytes, time_ms
 
 OFFICIAL_HOOK = "lorad_official_hook"  # the row of the LoRaD student adapted the official way
 
@@ -116,16 +116,21 @@ def _student_saved_bytes(state: VSDState) -> int:
 
 
 @torch.no_grad()
-def unet_call_seconds(unet: nn.Module, prompt_embeds: torch.Tensor, batch_size: int, repeats: int = 10,
-                      seed: int = 0) -> float:
-    """Median seconds of one U-Net call on ``batch_size`` noisy inputs (t = T−1, no CFG), after one untimed call:
-    what a one-step student costs at inference."""
+def unet_call_seconds(unets: Mapping[str, nn.Module], prompt_embeds: torch.Tensor, batch_size: int,
+                      repeats: int = 10, seed: int = 0) -> dict[str, float]:
+    """Median seconds of one call of each U-Net on the same ``batch_size`` noisy inputs (t = T−1, no CFG), the
+    calls interleaved after one untimed round (:func:`~.measure.time_ms`), so the ratios between the U-Nets hold
+    under load: what a one-step student costs at inference. The U-Nets share one input shape."""
+    shapes = {(unet.config.in_channels, unet.config.sample_size) for unet in unets.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"the U-Nets take different inputs (channels, size): {sorted(shapes)}")
+    (channels, size), = shapes
     generator = torch.Generator().manual_seed(seed)
-    channels, size = unet.config.in_channels, unet.config.sample_size
     z = torch.randn(batch_size, channels, size, size, generator=generator)
     cond = prompt_embeds[:batch_size]
     t = torch.full((batch_size,), 999, dtype=torch.long)
-    return median_ms(lambda: unet(z, t, encoder_hidden_states=cond), repeats) / 1e3
+    calls = {name: (lambda unet=unet: unet(z, t, encoder_hidden_states=cond)) for name, unet in unets.items()}
+    return {name: ms / 1e3 for name, ms in time_ms(calls, repeats).items()}
 
 
 def run_training_step_benchmark(profile_name: str = "tiny", repeats: int = 5, warmup: int = 2,
