@@ -35,7 +35,7 @@ from cleanfid.utils import EXTENSIONS
 from PIL import Image
 from tqdm import tqdm
 
-from ..artifacts import atomic_path, cache_dir, config_hash
+from ..artifacts import atomic_path, cache_dir, config_hash, file_sha256
 from ..world import ShapesDataset
 from .features import ShapesFeatureNet
 
@@ -144,15 +144,6 @@ def folder_manifest_hash(folder: Path) -> str:
 
 
 _MANIFEST_MEMO: dict[tuple, str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes (keys cached statistics; names the caption list in the eval manifest)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- features --------------------------------------------------------------------------------------------------
