@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch import nn
 
-from wadi_core.adapters.counts import parameter_count_table
 from wadi_core.adapters.expressivity import (
     TARGET_KINDS,
     direction_residual_target,
@@ -14,6 +13,7 @@ from wadi_core.adapters.expressivity import (
 )
 from wadi_core.adapters.lora import LoRALinear
 from wadi_core.adapters.properties import check_lorad_properties
+from wadi_core.backbones.counts import parameter_count_table
 
 
 def test_every_lorad_property_holds_on_a_random_layer():
@@ -67,7 +67,7 @@ def test_count_table_matches_the_paper_except_pixart_student_rule():
 
 
 def test_count_adapter_parameters_counts_a_model_without_touching_it():
-    from wadi_core.adapters.counts import count_adapter_parameters
+    from wadi_core.backbones.counts import count_adapter_parameters
 
     model = nn.Sequential()
     model.add_module("down_blocks", nn.Sequential(nn.Linear(8, 4), nn.Conv2d(2, 2, 1)))

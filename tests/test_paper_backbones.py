@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from wadi_core.adapters.inject import UNET_BLOCK_PREFIXES
+from wadi_core.backbones import PipelineLoadError
 from wadi_core.backbones.paper import (
     PAPER_BACKBONES,
     build_meta_model,
@@ -96,8 +97,8 @@ def test_load_offline_without_cache_raises_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    with pytest.raises(RuntimeError, match=r"profile 'paper' needs GPU and model-hub access: could not load "
-                                           r"stable-diffusion-v1-5/stable-diffusion-v1-5 \(") as info:
+    with pytest.raises(PipelineLoadError, match=r"stable-diffusion-v1-5/stable-diffusion-v1-5 is not in the local "
+                                                r"model-hub cache and HF_HUB_OFFLINE=1 forbids") as info:
         load_paper_backbone("sd15", device="cpu", dtype=torch.float32)
     assert isinstance(info.value.__cause__, OSError)
     assert attempts == []  # only the (empty) cache was read
@@ -105,5 +106,5 @@ def test_load_offline_without_cache_raises_clear_error(monkeypatch, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_load_without_gpu_raises_clear_error():
-    with pytest.raises(RuntimeError, match=r"could not load PixArt-alpha/PixArt-XL-2-256x256 \(CUDA is not available"):
-        load_paper_backbone("pixart-alpha-256")
+    with pytest.raises(PipelineLoadError, match=r"device 'cuda' requested but CUDA is not available"):
+        load_paper_backbone("pixart-alpha-256", device="cuda")

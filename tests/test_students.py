@@ -134,7 +134,7 @@ def test_merged_copy_is_a_plain_unet_and_leaves_the_student_alone(smoke, env):
     before = {name: tensor.clone() for name, tensor in trained.model.state_dict().items()}
     merged = merged_copy(trained.model)
     assert adapter_config(merged) is None and not adapter_modules(merged)
-    assert set(merged.state_dict()) == set(backbone.unet.state_dict())
+    assert set(merged.state_dict()) == set(backbone.denoiser.state_dict())
     assert adapter_config(trained.model) is not None and adapter_modules(trained.model)
     assert trained.model.state_dict().keys() == before.keys()
     assert all(torch.equal(before[name], tensor) for name, tensor in trained.model.state_dict().items())
@@ -147,7 +147,7 @@ def test_one_step_generation_at_identity_is_the_teachers_one_step_image(smoke, e
     profile, backbone, trained, _ = smoke
     prompts = ["a red circle", "a small blue square", "a green triangle", ""]
     teacher_images = backbone.one_step(prompts, seed=3)
-    torch.testing.assert_close(one_step_generate(backbone.unet, backbone, prompts, seed=3), teacher_images)
+    torch.testing.assert_close(one_step_generate(backbone.denoiser, backbone, prompts, seed=3), teacher_images)
     # Batch size does not change the images (noise is drawn up front).
     a = one_step_generate(trained.model, backbone, prompts, seed=3, batch_size=4)
     b = one_step_generate(trained.model, backbone, prompts, seed=3, batch_size=3)
@@ -157,10 +157,10 @@ def test_one_step_generation_at_identity_is_the_teachers_one_step_image(smoke, e
 
 def test_export_is_a_vanilla_unet_with_the_students_outputs(smoke, env, tmp_path):
     _, backbone, trained, _ = smoke
-    folder = export_student(trained.model, tmp_path / "export")
+    folder = export_student(trained.model, backbone, tmp_path / "export")
     vanilla = UNet2DConditionModel.from_pretrained(folder).eval()
     assert count_trainable(trained.model) > 0  # the student itself keeps its adapters
-    assert set(vanilla.state_dict()) == set(backbone.unet.state_dict())
+    assert set(vanilla.state_dict()) == set(backbone.denoiser.state_dict())
     prompts = ["a yellow square", "a red circle left of a blue triangle"]
     torch.testing.assert_close(one_step_generate(vanilla, backbone, prompts, seed=1),
                                one_step_generate(trained.model, backbone, prompts, seed=1), rtol=1e-4, atol=1e-5)
@@ -169,7 +169,7 @@ def test_export_is_a_vanilla_unet_with_the_students_outputs(smoke, env, tmp_path
 def test_full_student_round_trips(smoke, env):
     profile, backbone, _, _ = smoke
     full = load_or_train_student(profile, backbone, "full", progress=False)
-    assert full.trainable_parameters == sum(p.numel() for p in backbone.unet.parameters())
+    assert full.trainable_parameters == sum(p.numel() for p in backbone.denoiser.parameters())
     env.setenv("WADI_NO_TRAIN", "1")
     again = load_or_train_student(profile, backbone, "full", progress=False)
     assert all(torch.equal(a, b) for a, b in zip(full.model.parameters(), again.model.parameters()))

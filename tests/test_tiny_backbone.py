@@ -7,9 +7,8 @@ import torch
 
 from wadi_core import artifacts
 from wadi_core.adapters import linear_weight_share
-from wadi_core.backbones import load_backbone, make_scheduler, sample_ddim
+from wadi_core.backbones import Backbone, load_backbone, make_scheduler, sample_ddim
 from wadi_core.backbones.tiny import (
-    TinyBackbone,
     _tokenizer_files,
     _tokenizer_from_files,
     cosine_lr,
@@ -96,9 +95,13 @@ def test_corrupt_checkpoint_raises(smoke_models, monkeypatch, tmp_path):
         load_or_train_tiny_clip(profile)
 
 
+def _tiny(tokenizer, text_encoder, unet, scheduler, clip) -> Backbone:
+    return Backbone("tiny", tokenizer, text_encoder, unet, scheduler, max_length=tokenizer.model_max_length, clip=clip)
+
+
 def test_sampling_is_seeded_and_batch_size_invariant(smoke_models):
     _, _, clip, tokenizer, teacher = smoke_models
-    backbone = TinyBackbone(tokenizer, text_encoder_from_clip(clip.model), teacher.model, make_scheduler(), clip.model)
+    backbone = _tiny(tokenizer, text_encoder_from_clip(clip.model), teacher.model, make_scheduler(), clip.model)
     prompts = ["a red circle", "a blue square left of a green triangle", "a small yellow triangle", "a green square"]
     a = backbone.sample(prompts, 3, 2.0, seed=7, batch_size=4, progress=False)
     b = backbone.sample(prompts, 3, 2.0, seed=7, batch_size=3, progress=False)
@@ -111,7 +114,7 @@ def test_sampling_is_seeded_and_batch_size_invariant(smoke_models):
 def test_one_step_is_the_x0_formula(smoke_models):
     _, _, clip, tokenizer, teacher = smoke_models
     scheduler = make_scheduler()
-    backbone = TinyBackbone(tokenizer, text_encoder_from_clip(clip.model), teacher.model, scheduler, clip.model)
+    backbone = _tiny(tokenizer, text_encoder_from_clip(clip.model), teacher.model, scheduler, clip.model)
     prompts = ["a red circle", "a green square"]
     image = backbone.one_step(prompts, seed=3)
     z = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -125,7 +128,7 @@ def test_one_step_is_the_x0_formula(smoke_models):
 def test_ddim_with_one_step_and_no_guidance_matches_manual_formula(smoke_models):
     _, _, clip, tokenizer, teacher = smoke_models
     encoder = text_encoder_from_clip(clip.model)
-    backbone = TinyBackbone(tokenizer, encoder, teacher.model, make_scheduler(), clip.model)
+    backbone = _tiny(tokenizer, encoder, teacher.model, make_scheduler(), clip.model)
     states, null = backbone.encode_prompts(["a red circle"]), backbone.null_embedding()
     assert states.shape == (1, tokenizer.model_max_length, clip.model.config.text_config.hidden_size)
     guided = sample_ddim(teacher.model, make_scheduler(), states, null, 1, 3.0, seed=1, progress=False)
@@ -134,7 +137,7 @@ def test_ddim_with_one_step_and_no_guidance_matches_manual_formula(smoke_models)
 
 
 def test_unknown_backbone_names_the_choices():
-    with pytest.raises(ValueError, match="tiny, sd15"):
+    with pytest.raises(ValueError, match="tiny, tiny-smoke, sd15"):
         load_backbone("sd3")
 
 
@@ -147,7 +150,7 @@ def test_linear_weight_share_counts_the_student_rules_linears(smoke_models):
 
 def test_teacher_samples_are_cached_bit_for_bit(smoke_models, monkeypatch, tmp_path):
     _, _, clip, tokenizer, teacher = smoke_models
-    backbone = TinyBackbone(tokenizer, text_encoder_from_clip(clip.model), teacher.model, make_scheduler(), clip.model)
+    backbone = _tiny(tokenizer, text_encoder_from_clip(clip.model), teacher.model, make_scheduler(), clip.model)
     prompts = ["a red circle", "a blue square left of a green triangle", "a small yellow triangle"]
     monkeypatch.setenv("WADI_DATA_DIR", str(tmp_path))
     monkeypatch.delenv("WADI_FRESH", raising=False)

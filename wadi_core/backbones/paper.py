@@ -6,8 +6,8 @@ Two ways in, one config each:
   ``data/model_configs``) on the ``meta`` device: no weights, no memory, no network. This is what the parameter
   and layer counts of WaDi's Table 1 are computed from (:func:`count_parameters`,
   :func:`count_linear_layers`).
-- :func:`load_paper_backbone` loads the real weights, text encoder, tokenizer and DDPM scheduler from the model
-  hub for a GPU run, as the official ``train_dkd_sd.py`` / ``train_dkd_dit.py`` do.
+- :func:`load_paper_backbone` loads the real pipeline from the model hub (or its local cache) as a
+  :class:`~wadi_core.backbones.Backbone`, as the official ``train_dkd_sd.py`` / ``train_dkd_dit.py`` do.
 
 Counts on the meta device (diffusers 0.42.1), checked by ``tests/test_paper_backbones.py``:
 
@@ -21,15 +21,14 @@ Counts on the meta device (diffusers 0.42.1), checked by ``tests/test_paper_back
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import diffusers
 import torch
-import transformers
 from torch import nn
+
+from .backbone import Backbone, PipelineLoadError, load_pipeline
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "data" / "model_configs"
 
@@ -105,18 +104,6 @@ PAPER_BACKBONES: dict[str, PaperBackboneSpec] = {
 }
 
 
-@dataclass
-class PaperBackbone:
-    """A loaded paper backbone: frozen denoiser, text encoder, tokenizer, DDPM scheduler and VAE."""
-
-    spec: PaperBackboneSpec
-    denoiser: nn.Module  # UNet2DConditionModel (SD) or PixArtTransformer2DModel
-    text_encoder: nn.Module
-    tokenizer: Any
-    scheduler: diffusers.DDPMScheduler
-    vae: diffusers.AutoencoderKL
-
-
 def get_spec(name: str) -> PaperBackboneSpec:
     """The :class:`PaperBackboneSpec` of ``name``; ValueError naming the allowed names otherwise."""
     if name not in PAPER_BACKBONES:
@@ -166,64 +153,25 @@ def count_linear_layers(model: nn.Module, prefixes: tuple[str, ...] | None = Non
     )
 
 
-def load_paper_backbone(name: str, device: str = "cuda", dtype: torch.dtype = torch.float16) -> PaperBackbone:
-    """Load the real weights of a paper backbone from the model hub (``paper`` profile).
+def load_paper_backbone(name: str, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> Backbone:
+    """The real weights of a paper backbone from the model hub (``paper`` profile), as a :class:`Backbone`.
 
-    Mirrors the official scripts (``train_dkd_sd.py``, ``infer_sd_model.py``): the denoiser in ``dtype`` from
-    ``spec.hub_id``; text encoder, tokenizer, VAE and a ``DDPMScheduler`` (built from the repository's
-    ``scheduler`` config) from ``spec.components_hub_id``. Models are frozen and in eval mode. With
-    ``HF_HUB_OFFLINE=1`` only the local cache is read, so the call fails fast instead of waiting on the network.
-
-    Args:
-        name: one of :data:`PAPER_BACKBONES`.
-        device: where to put the models; the paper scale needs a GPU.
-        dtype: weight dtype of denoiser, text encoder and VAE (the official code loads fp16).
-
-    Returns:
-        A :class:`PaperBackbone`.
+    Mirrors the official scripts (``train_dkd_sd.py``, ``train_dkd_dit.py``): the denoiser from ``spec.hub_id``;
+    text encoder, tokenizer, VAE and the scheduler config (turned into a ``DDPMScheduler``) from
+    ``spec.components_hub_id``. With ``HF_HUB_OFFLINE=1`` only the local cache is read, so the call fails fast
+    instead of waiting on the network.
 
     Raises:
         ValueError: unknown ``name``.
-        RuntimeError: ``device`` is CUDA but no GPU is visible, or a component is neither reachable on the hub
-            nor in the local cache.
+        PipelineLoadError: a component is neither reachable on the hub nor in the local cache, or the tokenizer
+            came without its vocabulary files.
     """
     spec = get_spec(name)
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(_paper_error(spec.hub_id, "CUDA is not available"))
-    hub = {"local_files_only": _hub_offline()}
-    repo = spec.components_hub_id
-
-    denoiser_class = getattr(diffusers, spec.model_class)
-    denoiser = _from_hub(denoiser_class, spec.hub_id, subfolder=spec.subfolder, dtype=dtype, **hub)
-    text_encoder_class = getattr(transformers, spec.text_encoder_class)
-    text_encoder = _from_hub(text_encoder_class, repo, subfolder="text_encoder", dtype=dtype, **hub)
-    tokenizer = _from_hub(getattr(transformers, spec.tokenizer_class), repo, subfolder="tokenizer", **hub)
-    if len(tokenizer) < _MIN_TOKENIZER_SIZE:
-        raise RuntimeError(_paper_error(repo, f"tokenizer has only {len(tokenizer)} tokens; vocabulary files missing"))
-    scheduler = _from_hub(diffusers.DDPMScheduler, repo, subfolder="scheduler", **hub)
-    vae = _from_hub(diffusers.AutoencoderKL, repo, subfolder="vae", dtype=dtype, **hub)
-
-    for model in (denoiser, text_encoder, vae):
-        model.requires_grad_(False).eval().to(device)
-    return PaperBackbone(spec, denoiser, text_encoder, tokenizer, scheduler, vae)
-
-
-def _from_hub(cls: Any, repo_id: str, **kwargs: Any) -> Any:
-    """``cls.from_pretrained(repo_id, **kwargs)``, turning hub and cache failures into one clear RuntimeError."""
-    try:
-        return cls.from_pretrained(repo_id, **kwargs)
-    except OSError as err:  # huggingface_hub's errors (HTTP, cache miss, offline mode) are OSErrors too
-        raise RuntimeError(_paper_error(repo_id, f"{type(err).__name__}: {err}")) from err
-
-
-def _paper_error(repo_id: str, reason: str) -> str:
-    return (
-        f"profile 'paper' needs GPU and model-hub access: could not load {repo_id} ({reason}). "
-        "Run it on a GPU machine that can reach the model hub (or has the weights cached), "
-        "or use profile 'tiny'."
-    )
-
-
-def _hub_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` is set, read at call time (huggingface_hub reads it once, at import)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    same_repo = spec.hub_id == spec.components_hub_id and spec.subfolder in ("unet", "transformer")
+    backbone = load_pipeline(spec.components_hub_id, name=name, device=device, dtype=dtype,
+                             denoiser_source=None if same_repo else (spec.hub_id, spec.subfolder))
+    if len(backbone.tokenizer) < _MIN_TOKENIZER_SIZE:
+        raise PipelineLoadError(f"{spec.components_hub_id}: the tokenizer has only {len(backbone.tokenizer)} tokens; "
+                                "its vocabulary files are missing from the cache (download the repository again)")
+    return backbone

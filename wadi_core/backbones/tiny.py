@@ -16,20 +16,19 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from tqdm import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig
 
 from ..artifacts import TrainedModel, load_or_train
-from ..diffusion import one_step_x0
 from ..optim import cosine_lr, set_lr
 from ..profiles import ClipTrainConfig, Profile, TeacherTrainConfig, WorldConfig
 from ..world import ShapesDataset, make_split
+from .backbone import Backbone
 
 # SD1.5's scheduler config (stable-diffusion-v1-5, scheduler/scheduler_config.json). Each scheduler class
 # takes the fields it knows, as `from_config` does when a pipeline swaps schedulers.
@@ -268,89 +267,17 @@ def load_or_train_teacher(profile: Profile, clip: TrainedModel) -> TrainedModel:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The backbone object and multi-step sampling
+# The tiny world as a Backbone
 # --------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TinyBackbone:
-    """Frozen text encoder + tokenizer, teacher UNet and SD1.5 scheduler — what SD's pipeline holds."""
-
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
-    unet: UNet2DConditionModel
-    scheduler: DDPMScheduler
-    clip: CLIPModel  # the full tiny CLIP (text + vision), for the tiny-world CLIP score
-
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        return encode_prompts(self.tokenizer, self.text_encoder, prompts)
-
-    def null_embedding(self) -> torch.Tensor:
-        """Embedding of the empty prompt (1, L, D): the unconditional branch of CFG."""
-        return self.encode_prompts([""])
-
-    @torch.no_grad()
-    def one_step(self, prompts: list[str], seed: int) -> torch.Tensor:
-        """The teacher's own one-step image (what a VSD student is at init), in [0, 1] (B, 3, H, W).
-
-        :func:`wadi_core.diffusion.one_step_x0` on z ~ N(0, I) drawn from ``seed``: x0 = (z − σ_T ε̂)/α_T, so any
-        ε̂ error is amplified by 1/α_T (14.6 with SD1.5's schedule).
-        """
-        size, channels = self.unet.config.sample_size, self.unet.config.in_channels
-        z = torch.randn(len(prompts), channels, size, size, generator=torch.Generator().manual_seed(seed))
-        x0 = one_step_x0(self.unet, z, self.encode_prompts(prompts), self.scheduler)
-        return (x0.clamp(-1, 1) + 1) / 2
-
-    def sample(self, prompts: list[str], num_inference_steps: int, guidance_scale: float, seed: int,
-               batch_size: int = 128, progress: bool = True) -> torch.Tensor:
-        """Images in [0, 1] (B, 3, H, W): N-step DDIM (η=0) with classifier-free guidance."""
-        return sample_ddim(
-            self.unet, self.scheduler, self.encode_prompts(prompts), self.null_embedding(),
-            num_inference_steps, guidance_scale, seed, batch_size, progress,
-        )
-
-
-@torch.no_grad()
-def sample_ddim(
-    unet: UNet2DConditionModel,
-    scheduler: DDPMScheduler,
-    text_states: torch.Tensor,
-    null_state: torch.Tensor,
-    num_inference_steps: int,
-    guidance_scale: float,
-    seed: int,
-    batch_size: int = 128,
-    progress: bool = True,
-) -> torch.Tensor:
-    """DDIM with CFG, ε̂ = ε̂(∅) + g·(ε̂(c) − ε̂(∅)); all initial noise is drawn up front from ``seed``.
-
-    Drawing the noise before batching makes the images independent of ``batch_size``.
-    """
-    ddim = DDIMScheduler.from_config(scheduler.config)
-    ddim.set_timesteps(num_inference_steps)
-    size = unet.config.sample_size
-    channels = unet.config.in_channels
-    noise = torch.randn(len(text_states), channels, size, size, generator=torch.Generator().manual_seed(seed))
-    out = []
-    chunks = range(0, len(text_states), batch_size)
-    for start in tqdm(chunks, desc=f"DDIM-{num_inference_steps} CFG {guidance_scale}", disable=not progress):
-        cond = text_states[start : start + batch_size]
-        x = noise[start : start + batch_size]
-        both = torch.cat([null_state.expand_as(cond), cond]) if guidance_scale != 1.0 else cond
-        for t in ddim.timesteps:
-            model_in = torch.cat([x, x]) if guidance_scale != 1.0 else x
-            eps = unet(model_in, t, encoder_hidden_states=both).sample
-            if guidance_scale != 1.0:
-                eps_null, eps_cond = eps.chunk(2)
-                eps = eps_null + guidance_scale * (eps_cond - eps_null)
-            x = ddim.step(eps, t, x).prev_sample
-        out.append(((x.clamp(-1, 1) + 1) / 2))
-    return torch.cat(out)
-
-
-def load_tiny_backbone(profile: Profile) -> TinyBackbone:
-    """Load (or, on a fresh machine, train) the tiny CLIP and teacher of ``profile``."""
+def load_tiny_backbone(profile: Profile) -> Backbone:
+    """The tiny world of ``profile`` as a :class:`Backbone` (pixel space: ``vae=None``), its CLIP and teacher
+    loaded from ``data/`` (or, on a fresh machine, trained)."""
     clip = load_or_train_tiny_clip(profile)
     teacher = load_or_train_teacher(profile, clip)
-    return TinyBackbone(clip.tokenizer, text_encoder_from_clip(clip.model), teacher.model, make_scheduler(),
-                        clip.model.requires_grad_(False))
+    distill = profile.distill
+    return Backbone(name="tiny", tokenizer=clip.tokenizer, text_encoder=text_encoder_from_clip(clip.model),
+                    denoiser=teacher.model, scheduler=make_scheduler(), vae=None,
+                    max_length=int(clip.tokenizer.model_max_length), student_rank=distill.student_rank,
+                    fake_rank=distill.fake_rank, clip=clip.model.requires_grad_(False))

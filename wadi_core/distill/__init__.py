@@ -42,12 +42,14 @@ __all__ += ["VSDResult", "VSDState", "build_vsd", "checkpoint_path", "latest_che
 from .students import (  # noqa: E402
     STUDENT_METHODS,
     deviation_study,
+    distill,
     export_student,
     load_or_train_student,
     one_step_generate,
+    one_step_scheduler_config,
     prompt_embeddings,
     student_config,
 )
 
-__all__ += ["STUDENT_METHODS", "deviation_study", "export_student", "load_or_train_student", "one_step_generate",
-            "prompt_embeddings", "student_config"]
+__all__ += ["STUDENT_METHODS", "deviation_study", "distill", "export_student", "load_or_train_student",
+            "one_step_generate", "one_step_scheduler_config", "prompt_embeddings", "student_config"]

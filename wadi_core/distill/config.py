@@ -15,6 +15,10 @@ from ..adapters import METHODS
 from .losses import GENERATOR_REDUCTIONS, NULL_DROPOUT_MODES
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamw_8bit")
+# Fields added after the tiny-world students were trained: an artifact key leaves them out while they hold their
+# default (which is what those students were trained with), so the bundled students stay valid.
+_KEYED_ONLY_OFF_DEFAULT = ("one_step_alpha_bar", "gradient_checkpointing", "optimizer")
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,11 @@ class VSDConfig:
     batch_size: int = 128  # global batch (paper: 8 GPUs × 16)
     steps: int = 22_200  # generator steps (paper: 2 epochs of 1,418,723 prompts at batch 128 ≈ 22.2k)
     grad_clip: float = 1.0  # max gradient norm, for the student and the fake score separately
+    optimizer: str = "adamw"  # "adamw_8bit": bitsandbytes' AdamW8bit, the official choice (needs a GPU)
+    # ᾱ of the one-step formula x0 = (z − √(1−ᾱ)·ε̂)/√ᾱ. None: the scheduler's ᾱ_{T−1} (SD1.5: 0.00466). The
+    # official scripts hard-code 0.0047 for SD and PixArt alike, although PixArt's schedule gives about 4e-5
+    # (docs/paper_notes.md#pixart-one-step-alpha); the paper profile sets 0.0047 for PixArt.
+    one_step_alpha_bar: float | None = None
     ema_decay: float | None = None  # θ-EMA of the student; None = off (paper default), optional 0.999
     # Deviations from the official loop (paper-faithful values are the defaults).
     fake_warmup_steps: int = 0  # fake-score-only steps before the first generator step
@@ -48,6 +57,7 @@ class VSDConfig:
     # Runtime.
     seed: int = 0  # the official scripts use seed None (non-deterministic); ours is always fixed
     mixed_precision: str = "no"  # accelerate's setting; paper: "fp16" (SD), "bf16" (PixArt); "no" on CPU
+    gradient_checkpointing: bool = False  # of the student and the fake score (the official scripts: on)
     checkpoint_every: int = 500  # generator steps between checkpoints (ours: the official θ save never fires)
 
     def __post_init__(self) -> None:
@@ -90,6 +100,12 @@ class VSDConfig:
             )
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"VSDConfig.ema_decay: must be None (off) or lie in (0, 1), got {self.ema_decay!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"VSDConfig.optimizer: {self.optimizer!r} not in {', '.join(OPTIMIZERS)}")
+        if self.one_step_alpha_bar is not None and not 0.0 < self.one_step_alpha_bar < 1.0:
+            raise ValueError(
+                f"VSDConfig.one_step_alpha_bar: must be None or lie in (0, 1), got {self.one_step_alpha_bar!r}"
+            )
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(
                 f"VSDConfig.mixed_precision: {self.mixed_precision!r} not in {', '.join(MIXED_PRECISION)}"
@@ -102,3 +118,8 @@ class VSDConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def key_dict(self) -> dict:
+        """:meth:`to_dict` for artifact keys: fields added later are left out while they hold their default."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return {k: v for k, v in self.to_dict().items() if k not in _KEYED_ONLY_OFF_DEFAULT or v != defaults[k]}

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from ..diffusion import predict_epsilon
+
 # Reductions of the generator surrogate loss (see :func:`generator_loss`).
 GENERATOR_REDUCTIONS = ("mean", "sum_pixels")
 # Null-prompt dropout of the fake-score loss (see :func:`fake_score_loss`).
@@ -81,8 +83,8 @@ def cfg_epsilon(
     model_in = torch.cat([x_t, x_t])
     timesteps = torch.cat([t, t])
     states = torch.cat([_expand_null(null, cond), cond])
-    # 2. One UNet call, split back into the two branches.
-    eps_null, eps_cond = unet(model_in, timesteps, encoder_hidden_states=states).sample.chunk(2)  # (B, C, H, W) ×2
+    # 2. One denoiser call, split back into the two branches.
+    eps_null, eps_cond = predict_epsilon(unet, model_in, timesteps, states).chunk(2)  # (B, C, H, W) ×2
     # 3. Guidance.
     return eps_null + guidance_scale * (eps_cond - eps_null)
 
@@ -202,7 +204,7 @@ def fake_score_loss(
     states = torch.where(drop.reshape(-1, 1, 1), _expand_null(null, cond), cond)
     # 3. Noisy input and the fake ε-prediction.
     x_t = scheduler.add_noise(x0, noise, t)  # (B, C, H, W)
-    eps_fake = fake_unet(x_t, t, encoder_hidden_states=states).sample  # (B, C, H, W)
+    eps_fake = predict_epsilon(fake_unet, x_t, t, states)  # (B, C, H, W)
     # 4. ᾱ_t-weighted ε-MSE, written as MSE(α_t ε̂, α_t ε).
     alpha = _per_sample(scheduler.alphas_cumprod, t, x0).sqrt()  # (B, 1, 1, 1)
     return F.mse_loss(alpha * eps_fake.to(x0.dtype), alpha * noise)

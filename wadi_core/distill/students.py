@@ -1,13 +1,13 @@
-"""Trained one-step students of the tiny world, cached like the teacher (:func:`wadi_core.artifacts.load_or_train`),
-and what one does with them: one-step generation and export as a vanilla diffusers U-Net (WaDi §3.3; the official
-``infer_sd_model.py`` loads such a merged U-Net).
+"""One-step students of any :class:`~wadi_core.backbones.Backbone`: distilled (:func:`distill`), generated from
+(:func:`one_step_generate`) and exported as a stock diffusers pipeline (:func:`export_student`); the tiny world's
+students are cached like its teacher (:func:`load_or_train_student`, WaDi §3.3).
 
-Typical use::
+Typical use (the same calls for ``"tiny"``, ``"sd15"``, ``"pixart-alpha-256"`` or a pipeline folder)::
 
-    backbone = load_tiny_backbone(profile)
-    wadi = load_or_train_student(profile, backbone, "lorad")        # trains once, then loads from data/
-    images = one_step_generate(wadi.model, backbone, prompts, seed=0)
-    export_student(wadi.model, "exports/wadi-tiny")                # UNet2DConditionModel.from_pretrained(...)
+    backbone = load_backbone("sd15")
+    result = distill(backbone, prompts, VSDConfig(mixed_precision="fp16"), "runs/wadi-sd15")
+    images = one_step_generate(result.student, backbone, prompts, seed=0)   # (B, 3, H, W) in [0, 1]
+    export_student(result.student, backbone, "exports/wadi-sd15")           # DiffusionPipeline.from_pretrained(...)
 
 A student artifact is ``data/student-<hash>.safetensors``: the trainable parameters only (adapter tensors; every
 U-Net parameter for ``"full"``) plus the per-step training log as ``log.*`` tensors. The hash covers the teacher
@@ -22,6 +22,8 @@ import copy
 import dataclasses
 import hashlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -36,7 +38,7 @@ from ..diffusion import one_step_x0
 from ..profiles import DistillConfig, Profile
 from ..world import make_split
 from .config import VSDConfig
-from .vsd import train_vsd
+from .vsd import VSDResult, train_vsd
 
 STUDENT_KIND = "student"
 STUDENT_METHODS = ("lorad", "full", "lora", "dora", "dora_frozen_norm")  # WaDi, then the baselines
@@ -105,10 +107,10 @@ def prompt_embeddings(backbone, prompts: list[str], batch_size: int = 512) -> to
 
 def _artifact_key(backbone, prompts: list[str], config: VSDConfig) -> dict:
     return {
-        "teacher": module_digest(backbone.unet),
+        "teacher": module_digest(backbone.denoiser),
         "text_encoder": module_digest(backbone.text_encoder),
         "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
-        "vsd": dataclasses.asdict(config),
+        "vsd": config.key_dict(),
     }
 
 
@@ -117,6 +119,33 @@ def _new_student(teacher: nn.Module, config: VSDConfig) -> nn.Module:
     student = copy.deepcopy(teacher)
     inject(student, config.student_method, config.student_rank, "student")
     return student
+
+
+def _one_step_config(backbone, config: VSDConfig) -> VSDConfig:
+    """``config`` with the backbone's one-step ᾱ where the config leaves it open (PixArt: the official 0.0047)."""
+    if config.one_step_alpha_bar is None and backbone.one_step_alpha_bar is not None:
+        return dataclasses.replace(config, one_step_alpha_bar=backbone.one_step_alpha_bar)
+    return config
+
+
+def distill(backbone, prompts: list[str], config: VSDConfig, out_dir: str | Path, max_steps: int | None = None,
+            progress: bool = True) -> VSDResult:
+    """Distil ``backbone``'s denoiser into a one-step student with VSD (WaDi §3.3), in the denoiser's space
+    (latent for SD and PixArt, pixel for the tiny world), resuming from the checkpoint in ``out_dir``.
+
+    ``prompts`` are encoded once by the backbone and cached (:func:`prompt_embeddings`); VSD needs no images.
+    A ``config.one_step_alpha_bar`` of None takes the backbone's (PixArt: the official 0.0047).
+
+    Raises:
+        ValueError: no prompts, or a checkpoint in ``out_dir`` from another config.
+    """
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("distill needs a non-empty list of prompt strings")
+    config = _one_step_config(backbone, config)
+    embeds = prompt_embeddings(backbone, prompts)
+    return train_vsd(backbone.denoiser, backbone.scheduler, embeds, backbone.null_embedding(), config, out_dir,
+                     max_steps=max_steps, progress=progress)
 
 
 def load_or_train_student(
@@ -128,9 +157,9 @@ def load_or_train_student(
     **overrides,
 ) -> TrainedModel:
     """The tiny-world student ``method`` of ``profile`` (optionally another ``rank`` or recipe ``overrides``),
-    loaded from ``data/`` when cached, else distilled from ``backbone``'s teacher with :func:`train_vsd` on the
-    unique captions of the training split. ``.config`` is its :class:`VSDConfig`, ``.log`` one row per generator
-    step; the model is the teacher with the student adapter, unmerged (:func:`merged_copy` merges a copy).
+    loaded from ``data/`` when cached, else distilled from ``backbone`` with :func:`distill` on the unique
+    captions of the training split. ``.config`` is its :class:`VSDConfig`, ``.log`` one row per generator step;
+    the model is the teacher with the student adapter, unmerged (:func:`merged_copy` merges a copy).
 
     Raises:
         ArtifactError: the student is not cached and ``WADI_NO_TRAIN=1`` forbids training it, or the file is
@@ -142,36 +171,109 @@ def load_or_train_student(
 
     def train() -> tuple[nn.Module, pd.DataFrame, dict[str, str]]:
         run_dir = cache_dir() / "vsd" / artifact_path(STUDENT_KIND, key).stem
-        embeds = prompt_embeddings(backbone, prompts)
-        result = train_vsd(backbone.unet, backbone.scheduler, embeds, backbone.null_embedding(), config, run_dir,
-                           progress=progress)
+        result = distill(backbone, prompts, config, run_dir, progress=progress)
         return result.ema_student or result.student, result.log, {"method": method}
 
-    return load_or_train(STUDENT_KIND, key, lambda _: _new_student(backbone.unet, config), train, config=config,
+    return load_or_train(STUDENT_KIND, key, lambda _: _new_student(backbone.denoiser, config), train, config=config,
                          label=f"{method} student", trainable_only=True)
 
 
 @torch.no_grad()
-def one_step_generate(student: nn.Module, backbone, prompts: list[str], seed: int, batch_size: int = 256,
+def one_step_generate(student: nn.Module, backbone, prompts: list[str], seed: int = 0,
+                      latents: torch.Tensor | None = None, batch_size: int = 256,
                       progress: bool = False) -> torch.Tensor:
-    """One network call per image (NFE = 1): x0 = (z − σ_T ε̂)/α_T at t = T−1
-    (:func:`~wadi_core.diffusion.one_step_x0`), in [0, 1] (B, 3, H, W). All noise is drawn up front from
-    ``seed``, so images do not depend on ``batch_size``."""
-    channels, size = student.config.in_channels, student.config.sample_size
-    noise = torch.randn(len(prompts), channels, size, size, generator=torch.Generator().manual_seed(seed))
+    """Images (B, 3, H, W) in [0, 1] from one network call each (NFE = 1): x0 = (z − σ_T ε̂)/α_T at t = T−1
+    (:func:`~wadi_core.diffusion.one_step_x0`, the backbone's one-step ᾱ), decoded by the backbone's VAE.
+
+    z is drawn up front from ``seed`` (so images do not depend on ``batch_size``), or given as ``latents``
+    (B, C, H, W), e.g. to compare with the exported pipeline called on the same ``latents``.
+    """
+    if latents is None:
+        latents = backbone.noise(len(prompts), seed)
+    elif latents.shape != (len(prompts), *backbone.latent_shape):
+        raise ValueError(f"latents must have shape {(len(prompts), *backbone.latent_shape)} for {len(prompts)} "
+                         f"prompts, got {tuple(latents.shape)}")
+    parameter = next(student.parameters())
+    latents = latents.to(device=parameter.device, dtype=parameter.dtype)
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="one-step", disable=not progress):
-        states = backbone.encode_prompts(prompts[start : start + batch_size])
-        x0 = one_step_x0(student, noise[start : start + batch_size], states, backbone.scheduler)
-        out.append((x0.clamp(-1, 1) + 1) / 2)
+        cond = backbone.encode_prompts(prompts[start : start + batch_size]).to(parameter.dtype)
+        x0 = one_step_x0(student, latents[start : start + batch_size], cond, backbone.scheduler,
+                         backbone.one_step_alpha_bar)
+        out.append(backbone.decode(x0))
     return torch.cat(out)
 
 
-def export_student(student: nn.Module, folder: str | Path) -> Path:
-    """Save the merged student as a vanilla ``UNet2DConditionModel`` folder (``config.json`` +
-    safetensors) that ``UNet2DConditionModel.from_pretrained(folder)`` loads with no project code: a merged
-    LoRaD student costs exactly a plain U-Net call. ``student`` itself is untouched."""
-    merged = merged_copy(student).requires_grad_(False)
+def one_step_scheduler_config(backbone) -> dict:
+    """An ``LCMScheduler`` config whose single step (t = T−1) returns the one-step x0 of :func:`one_step_generate`.
+
+    LCM's step at t = 999 is c_skip·z + c_out·x0 with c_skip ≈ 2.5e-9 and c_out ≈ 1 − 1.3e-9 (its boundary
+    condition at timestep_scaling 10), and x0 = (z − √(1−ᾱ_999) ε̂)/√ᾱ_999 from its own ᾱ. With the backbone's
+    schedule ᾱ_999 is the scheduler's; where the backbone fixes the one-step ᾱ (PixArt's official 0.0047), the
+    betas are rewritten so that ᾱ_t = max(ᾱ_t, ᾱ_one-step) and ᾱ_999 equals it (β = 0 where the schedule
+    would fall below).
+    """
+    from diffusers import LCMScheduler
+
+    config = dict(LCMScheduler.from_config(backbone.scheduler.config).config)
+    if backbone.one_step_alpha_bar is not None:
+        alphas_cumprod = backbone.scheduler.alphas_cumprod.double().clamp_min(backbone.one_step_alpha_bar)
+        alphas_cumprod[-1] = backbone.one_step_alpha_bar
+        previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        config["trained_betas"] = (1 - alphas_cumprod / previous).tolist()
+    return config
+
+
+def export_student(student: nn.Module, backbone, folder: str | Path) -> Path:
+    """Save the merged student as a pipeline folder that stock diffusers runs in one step (WaDi §3.3).
+
+    Latent backbones: a full ``StableDiffusionPipeline`` / ``PixArtAlphaPipeline`` folder, the merged denoiser
+    beside the backbone's text encoder, tokenizer and VAE, and an ``LCMScheduler`` whose single step returns the
+    one-step x0 (:func:`one_step_scheduler_config`)::
+
+        pipe = DiffusionPipeline.from_pretrained(folder)
+        images = pipe(prompts, num_inference_steps=1, guidance_scale=0.0, latents=z, output_type="pt").images
+
+    equals ``one_step_generate(student, backbone, prompts, latents=z)``. A pixel-space backbone (the tiny world)
+    has no pipeline class in diffusers: its export is the merged ``UNet2DConditionModel`` folder alone. Either
+    way the merged student costs exactly a plain denoiser call, and ``student`` itself is untouched.
+
+    The folder is written next to its destination and renamed into place; an existing export there is replaced.
+
+    Raises:
+        FileExistsError: ``folder`` exists and is not a previous export (no ``model_index.json`` / ``config.json``).
+    """
     folder = Path(folder)
-    merged.save_pretrained(folder, safe_serialization=True)
+    if folder.exists() and not any((folder / name).is_file() for name in ("model_index.json", "config.json")):
+        raise FileExistsError(f"{folder} exists and is not an exported student; choose another folder")
+    merged = merged_copy(student).requires_grad_(False).eval()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        if backbone.vae is None:
+            merged.save_pretrained(staging, safe_serialization=True)
+        else:
+            _export_pipeline(merged, backbone, staging)
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
     return folder
+
+
+def _export_pipeline(merged: nn.Module, backbone, folder: Path) -> None:
+    import diffusers
+
+    scheduler = diffusers.LCMScheduler.from_config(one_step_scheduler_config(backbone))
+    components = dict(tokenizer=backbone.tokenizer, text_encoder=backbone.text_encoder, vae=backbone.vae,
+                      scheduler=scheduler)
+    if backbone.pipeline_class == "StableDiffusionPipeline":
+        pipeline = diffusers.StableDiffusionPipeline(unet=merged, safety_checker=None, feature_extractor=None,
+                                                     requires_safety_checker=False, **components)
+    elif backbone.pipeline_class == "PixArtAlphaPipeline":
+        pipeline = diffusers.PixArtAlphaPipeline(transformer=merged, **components)
+    else:
+        raise ValueError(f"cannot export a student of a {backbone.pipeline_class!r} backbone")
+    pipeline.save_pretrained(folder, safe_serialization=True)

@@ -228,6 +228,19 @@ def _check_finite(value: torch.Tensor, what: str, where: str, last_checkpoint: P
     return number
 
 
+def _optimizer(config: VSDConfig, params, lr: float) -> torch.optim.Optimizer:
+    """AdamW (β = (0.9, 0.999), weight decay 0), or bitsandbytes' AdamW8bit for ``optimizer="adamw_8bit"``."""
+    params = list(params)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise RuntimeError("VSDConfig.optimizer='adamw_8bit' needs bitsandbytes (pip install bitsandbytes, on a GPU "
+                           "machine); or use optimizer='adamw'") from err
+    return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
+
+
 def build_vsd(
     teacher_unet: nn.Module,
     scheduler: DDPMScheduler,
@@ -239,8 +252,8 @@ def build_vsd(
     """Student, fake score, optimizers and accelerate for a fresh run (step 0); seeds the global CPU RNG.
 
     Args:
-        teacher_unet: the frozen real score (a diffusers ``UNet2DConditionModel``); copied for the student and
-            the fake score, and itself set to ``requires_grad_(False)``.
+        teacher_unet: the frozen real score (an SD ``UNet2DConditionModel`` or a PixArt transformer, in latent or
+            pixel space); copied for the student and the fake score, and itself set to ``requires_grad_(False)``.
         scheduler: the teacher's DDPM scheduler (ᾱ for the one-step formula and the losses).
         prompt_embeds: (N, L, D) cached text states of the training prompts; each step samples B of them.
         null_embed: (1, L, D) or (L, D) states of the empty prompt (CFG's unconditional branch).
@@ -267,10 +280,14 @@ def build_vsd(
     student.train()
     fake.train()
 
+    if config.gradient_checkpointing:  # the official scripts' --gradient_checkpointing
+        for model in (student, fake):
+            model.enable_gradient_checkpointing()
+
     # (3) AdamW for each, constant LR, weight decay 0 (`train_dkd_sd.py` uses bitsandbytes' 8-bit AdamW with the
-    #     same settings); gradient clipping in the step.
-    opt_student = torch.optim.AdamW(list(_trainable(student).values()), lr=config.student_lr, weight_decay=0.0)
-    opt_fake = torch.optim.AdamW(list(_trainable(fake).values()), lr=config.fake_lr, weight_decay=0.0)
+    #     same settings: ``optimizer="adamw_8bit"``); gradient clipping in the step.
+    opt_student = _optimizer(config, _trainable(student).values(), config.student_lr)
+    opt_fake = _optimizer(config, _trainable(fake).values(), config.fake_lr)
 
     # (4) accelerate: the same code on CPU, one GPU or `accelerate launch` over N GPUs (the official run: 8 × 16).
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
@@ -349,7 +366,7 @@ def warm_up_fake(state: VSDState) -> None:
     for warm in range(steps):
         cond, z = sample_batch(state)
         with torch.no_grad(), state.accelerator.autocast():
-            x0 = one_step_x0(state.student, z, cond, state.scheduler)
+            x0 = one_step_x0(state.student, z, cond, state.scheduler, state.config.one_step_alpha_bar)
         _fake_update(state, x0, cond, f"fake warm-up step {warm + 1}/{steps}")
 
 
@@ -367,7 +384,7 @@ def vsd_step(state: VSDState) -> dict[str, float]:
     # (5a) Prompts, noise and the student's one-step sample x0 = (z − σ_T ε̂)/α_T.
     cond, z = sample_batch(state)
     with accelerator.autocast():
-        x0 = one_step_x0(state.student, z, cond, state.scheduler)
+        x0 = one_step_x0(state.student, z, cond, state.scheduler, state.config.one_step_alpha_bar)
         # (5c) Generator update: ½‖x0 − sg(x0 − σ_t²(ε_real − ε_fake))‖², both scores with CFG.
         g_loss, _ = generator_loss(x0, state.real, state.fake, cond, state.null, state.scheduler,
                                    config.guidance_scale, state.generator, t_range=config.t_range,

@@ -24,7 +24,8 @@ from ..artifacts import (
     save_checkpoint,
     training_allowed,
 )
-from ..backbones.tiny import SD15_SCHEDULER_CONFIG, TinyBackbone, tokenize
+from ..backbones.backbone import Backbone
+from ..backbones.tiny import SD15_SCHEDULER_CONFIG
 from .fid import _to_uint8, _write_png
 
 SAMPLES_KIND = "samples"
@@ -45,21 +46,22 @@ class CachedSamples:
         return f"{len(self.images)} teacher samples: {verb} {self.path.name} (sampling took {self.seconds:.1f} s)"
 
 
-def samples_key(backbone: TinyBackbone, prompts: Sequence[str], num_inference_steps: int, guidance_scale: float,
+def samples_key(backbone: Backbone, prompts: Sequence[str], num_inference_steps: int, guidance_scale: float,
                 seed: int, batch_size: int = 128) -> dict:
     """Everything that determines ``backbone.sample(prompts, ...)``: the teacher's and text encoder's weights,
     the prompts and their token ids, the sampler, its schedule and DDIM timesteps, guidance, seed, image size and
     batch size (batching can change the last bits of float32 results)."""
     prompts = list(prompts)
-    tokens = tokenize(backbone.tokenizer, prompts + [""])  # the prompts' ids and the null prompt's (CFG)
+    tokens = backbone.tokenizer(prompts + [""], padding="max_length", max_length=backbone.max_length,
+                                truncation=True, return_tensors="pt").input_ids  # with the null prompt's (CFG)
     ddim = DDIMScheduler.from_config(backbone.scheduler.config)  # as sample_ddim builds it
     ddim.set_timesteps(num_inference_steps)
-    config = backbone.unet.config
-    return {
+    config = backbone.denoiser.config
+    key = {
         "sampler": SAMPLER,
-        "scheduler": {name: backbone.scheduler.config[name] for name in SD15_SCHEDULER_CONFIG},
+        "scheduler": {name: backbone.scheduler.config.get(name) for name in SD15_SCHEDULER_CONFIG},
         "timesteps": ddim.timesteps.tolist(),
-        "teacher": module_digest(backbone.unet),
+        "teacher": module_digest(backbone.denoiser),
         "text_encoder": module_digest(backbone.text_encoder),
         "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
         "tokens": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16],
@@ -69,9 +71,12 @@ def samples_key(backbone: TinyBackbone, prompts: Sequence[str], num_inference_st
         "seed": int(seed),
         "batch_size": int(batch_size),
     }
+    if backbone.vae is not None:  # a latent backbone's images also depend on its decoder
+        key["vae"] = module_digest(backbone.vae)
+    return key
 
 
-def cached_samples(backbone: TinyBackbone, prompts: Sequence[str], num_inference_steps: int, guidance_scale: float,
+def cached_samples(backbone: Backbone, prompts: Sequence[str], num_inference_steps: int, guidance_scale: float,
                    seed: int, batch_size: int = 128, progress: bool = False) -> CachedSamples:
     """``backbone.sample(prompts, num_inference_steps, guidance_scale, seed=seed)``, cached as
     ``<data dir>/samples-<hash>.safetensors`` (float32, so what is loaded equals what is sampled bit for bit)

@@ -8,9 +8,9 @@ import copy
 import pandas as pd
 from torch import nn
 
-from ..backbones.paper import build_meta_model, count_parameters
+from ..adapters import count_trainable, inject
 from ..paper_numbers import FAKE_RANK, RANK_ABLATION, STUDENT_RANK_PIXART, STUDENT_RANK_SD, WADI_TRAINABLE_M
-from .inject import count_trainable, inject
+from .paper import build_meta_model, count_parameters
 
 # (row, backbone, method, rank, rule, exclude, paper's number in millions or None where the paper gives none)
 PAPER_COUNTS: tuple[tuple[str, str, str, int, str, tuple[str, ...], float | None], ...] = (
