@@ -6,7 +6,7 @@ Methods, per (dtype, shape, rank):
 
 * ``triton_<tiles>``: :class:`wadi_core.kernels.lorad_triton.TritonLoRaDFunction`, one row per tile config
   (CUDA; on CPU only under ``TRITON_INTERPRET=1``, where the time is the interpreter's, not a speed);
-* ``reference``: :class:`wadi_core.adapters.LoRaDFunction`; ``reference_compiled``: ``torch.compile`` of the
+* ``reference``: :class:`wadi_core.kernels.LoRaDFunction`; ``reference_compiled``: ``torch.compile`` of the
   reference math (``lorad_rotate`` + ``F.linear``);
 * ``official_hook``: :class:`wadi_core.adapters.official_hook.OfficialHookLoRaD` (the cost of ``hook_fn`` in the
   official ``train_dkd_sd.py``);
@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..adapters import lorad
 from ..adapters.official_hook import OfficialHookLoRaD
+from ..kernels import LoRaDFunction, lorad_rotate
 from .measure import (
     QUICK_LINEAR_SHAPES,
     QUICK_RANK,
@@ -116,7 +116,7 @@ def make_inputs(tokens: int, out_f: int, in_f: int, rank: int, dtype: torch.dtyp
 
 
 def _reference_math(x: Tensor, weight: Tensor, bias: Tensor, theta_a: Tensor, theta_b: Tensor) -> Tensor:
-    return F.linear(x, lorad.lorad_rotate(weight, theta_a, theta_b).to(x.dtype), bias)
+    return F.linear(x, lorad_rotate(weight, theta_a, theta_b).to(x.dtype), bias)
 
 
 def build_methods(t: dict[str, Tensor], triton_function, compiled
@@ -132,7 +132,7 @@ def build_methods(t: dict[str, Tensor], triton_function, compiled
                 return triton_function.apply(x, weight, bias, theta_a, theta_b)
 
             methods[f"triton_{name}"] = (run_triton, [x, weight])
-    methods["reference"] = (lambda: lorad.LoRaDFunction.apply(x, weight, bias, theta_a, theta_b), [x, weight])
+    methods["reference"] = (lambda: LoRaDFunction.apply(x, weight, bias, theta_a, theta_b), [x, weight])
     if compiled is not None:
         methods["reference_compiled"] = (lambda: compiled(x, weight, bias, theta_a, theta_b), [x, weight])
 
@@ -206,7 +206,7 @@ AGREEMENT_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
 
 def reference_agreement(cases: dict = AGREEMENT_CASES, dtypes: tuple[str, ...] = ("fp32", "fp16"),
                         device: torch.device | str = "cpu", angle_std: float = 0.7, seed: int = 0) -> pd.DataFrame:
-    """Triton's y, dx, dA, dB, db against :class:`~wadi_core.adapters.LoRaDFunction`, per case, dtype and bias.
+    """Triton's y, dx, dA, dB, db against :class:`~wadi_core.kernels.LoRaDFunction`, per case, dtype and bias.
 
     A and B are drawn with std ``angle_std`` so that Θ = A·B reaches beyond ±π (the wrap is exercised). On CPU this
     needs ``TRITON_INTERPRET=1`` set before triton is imported. Returns a DataFrame: case, dtype, bias, one relative
@@ -227,7 +227,7 @@ def reference_agreement(cases: dict = AGREEMENT_CASES, dtypes: tuple[str, ...] =
         theta_b = angle_std * torch.randn(rank, in_f // 2, device=device, generator=gen)
         dy = torch.randn(*lead, out_f, device=device, generator=gen).to(dtype)
         outputs = {}
-        for label, function in (("triton", TritonLoRaDFunction), ("reference", lorad.LoRaDFunction)):
+        for label, function in (("triton", TritonLoRaDFunction), ("reference", LoRaDFunction)):
             leaves = {k: None if v is None else v.clone().requires_grad_()
                       for k, v in (("dx", x), ("db", bias), ("dA", theta_a), ("dB", theta_b))}
             TritonLoRaDFunction.blocks = tiles

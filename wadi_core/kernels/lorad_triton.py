@@ -1,6 +1,6 @@
 """Fused LoRaD Linear in Triton: W' = rot(W, Θ = A·B) is rebuilt tile by tile inside the GEMMs.
 
-Notation as in :mod:`wadi_core.adapters.lorad`: ``weight`` W (out×in, in even), ``theta_a`` A (out×r), ``theta_b``
+Notation as in :mod:`.reference`: ``weight`` W (out×in, in even), ``theta_a`` A (out×r), ``theta_b``
 B (r×in/2), Θ = A·B wrapped into [−π, π), input columns paired as (2j, 2j+1). Here M = tokens, N = out,
 K2 = in/2 (number of pairs).
 
@@ -18,27 +18,18 @@ inputs are upcast before the trig. On a GPU fp16/bf16 tiles feed ``tl.dot`` in t
 accumulator); fp32 inputs, and everything under ``TRITON_INTERPRET=1`` (whose bf16 support is broken), use fp32
 operands with ``input_precision="ieee"``.
 
-This module imports triton at import time; :mod:`wadi_core.kernels` imports it lazily. Under the interpreter,
+This module imports triton at import time; :func:`wadi_core.kernels.lorad_linear` (which every unmerged
+:class:`wadi_core.adapters.LoRaDLinear` calls) imports it on the first CUDA tensor. Under the interpreter,
 ``TRITON_INTERPRET=1`` must be set before this module is imported (``triton.jit`` reads it when decorating).
 """
 
 from __future__ import annotations
 
-import math
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ..adapters import lorad as reference
-
-_TWO_PI = 2 * math.pi
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from . import reference, triton_interpreting
 
 
 @triton.jit
@@ -175,17 +166,17 @@ def _block_r(rank: int) -> int:
 
 def default_blocks(device: torch.device) -> dict[str, int]:
     """Tile sizes: GEMM-sized on a GPU, the minimum (16) under the interpreter, where each program is slow."""
-    if device.type == "cuda" and not interpreting():
+    if device.type == "cuda" and not triton_interpreting():
         return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K2": 32}
     return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K2": 16}
 
 
 def _launch_opts(device: torch.device) -> dict[str, int]:
-    return {"num_warps": 4, "num_stages": 3} if device.type == "cuda" and not interpreting() else {}
+    return {"num_warps": 4, "num_stages": 3} if device.type == "cuda" and not triton_interpreting() else {}
 
 
 def _dot_f32(dtype: torch.dtype) -> bool:
-    return interpreting() or dtype == torch.float32 or dtype not in (torch.float16, torch.bfloat16)
+    return triton_interpreting() or dtype == torch.float32 or dtype not in (torch.float16, torch.bfloat16)
 
 
 def _blocks(x: torch.Tensor, rank: int, blocks: dict[str, int] | None) -> dict[str, int]:
@@ -247,7 +238,7 @@ def lorad_dtheta(dy2d, x2d, weight, theta_a, theta_b, blocks=None):
 
 
 class TritonLoRaDFunction(torch.autograd.Function):
-    """Drop-in for :class:`wadi_core.adapters.LoRaDFunction` ``(x, weight, bias, theta_a, theta_b)`` on Triton.
+    """Drop-in for :class:`~.reference.LoRaDFunction` ``(x, weight, bias, theta_a, theta_b)`` on Triton.
 
     Saved for backward: ``x``, A, B and a reference to the frozen W (O(r·(out + in)) extra). Backward runs
     :func:`_dx_kernel` and :func:`_dtheta_kernel`; dA, dB, db are ``torch`` GEMMs / a sum. A gradient for
@@ -284,11 +275,10 @@ class TritonLoRaDFunction(torch.autograd.Function):
             if need_b:
                 d_b = (theta_a.float().T @ d_theta).to(theta_b.dtype)
         if need_weight:  # reference math; W is frozen in every LoRaD use
-            ref = reference
-            dtype = ref._compute_dtype(weight.dtype)
-            theta = ref._angles(theta_a, theta_b, dtype)
+            dtype = reference._compute_dtype(weight.dtype)
+            theta = reference._angles(theta_a, theta_b, dtype)
             g = (dy2d.T @ x2d.to(dy2d.dtype)).to(dtype).unflatten(-1, (-1, 2))
-            d_weight = ref._rotate_pairs(g, theta.cos(), -theta.sin()).to(weight.dtype)
+            d_weight = reference._rotate_pairs(g, theta.cos(), -theta.sin()).to(weight.dtype)
         if need_bias:
             d_bias = dy2d.sum(0).to(ctx.bias_dtype)
         return dx, d_weight, d_bias, d_a, d_b
