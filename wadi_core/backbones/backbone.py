@@ -314,7 +314,10 @@ def load_pipeline(
     denoiser_from, denoiser_folder = denoiser_source or (source, denoiser_name)
     denoiser = _load_component(classes[denoiser_name], denoiser_from, denoiser_folder, dtype)
     vae = _load_component(classes["vae"], source, "vae", dtype)
-    scheduler = DDPMScheduler.from_config(_load_component(DDPMScheduler, source, "scheduler", None).config)
+    # PixArt ships a DPM-Solver config without clip_sample; DDPM (and DDIM) would default to clipping x0.
+    scheduler_config = dict(_load_component(DDPMScheduler, source, "scheduler", None).config)
+    scheduler_config["clip_sample"] = scheduler_config.get("clip_sample", False)
+    scheduler = DDPMScheduler.from_config(scheduler_config)
     _check_components(source, tokenizer, text_encoder, denoiser, vae, scheduler, transformer)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

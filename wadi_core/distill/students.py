@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import inspect
 import json
 import shutil
 import tempfile
@@ -215,7 +216,9 @@ def one_step_scheduler_config(backbone) -> dict:
     """
     from diffusers import LCMScheduler
 
-    config = dict(LCMScheduler.from_config(backbone.scheduler.config).config)
+    known = inspect.signature(LCMScheduler.__init__).parameters
+    config = {k: v for k, v in backbone.scheduler.config.items() if k in known}
+    config.update(clip_sample=False, thresholding=False)  # the one-step x0 is never clipped
     if backbone.one_step_alpha_bar is not None:
         alphas_cumprod = backbone.scheduler.alphas_cumprod.double().clamp_min(backbone.one_step_alpha_bar)
         alphas_cumprod[-1] = backbone.one_step_alpha_bar
