@@ -256,6 +256,22 @@ def _load_component(cls: type, source: str | Path, name: str, dtype: torch.dtype
                                 f"({type(err).__name__}: {err})") from err
 
 
+def _ddpm_scheduler(source: str | Path) -> DDPMScheduler:
+    """The pipeline's scheduler config as a ``DDPMScheduler`` (``train_dkd_*.py`` build their noise scheduler
+    the same way). PixArt ships a DPM-Solver config without ``clip_sample``; DDPM and DDIM would default to
+    clipping x0, which neither PixArt's sampler nor the one-step formula does, so a missing value means False."""
+    scheduler_config = _load_component(_SchedulerConfig, source, "scheduler", None)
+    return DDPMScheduler.from_config({"clip_sample": False, **scheduler_config})
+
+
+class _SchedulerConfig:
+    """``from_pretrained`` returning a scheduler folder's raw config (no defaults filled in)."""
+
+    @staticmethod
+    def from_pretrained(source: str, subfolder: str, **kwargs) -> dict:
+        return DDPMScheduler.load_config(source, subfolder=subfolder, **kwargs)
+
+
 def _check_components(source: str | Path, tokenizer, text_encoder, denoiser, vae, scheduler, transformer: bool):
     """Mismatches that would fail deep inside a forward pass, reported with the component that is wrong."""
     text_width = text_encoder.config.d_model if transformer else text_encoder.config.hidden_size
@@ -314,10 +330,7 @@ def load_pipeline(
     denoiser_from, denoiser_folder = denoiser_source or (source, denoiser_name)
     denoiser = _load_component(classes[denoiser_name], denoiser_from, denoiser_folder, dtype)
     vae = _load_component(classes["vae"], source, "vae", dtype)
-    # PixArt ships a DPM-Solver config without clip_sample; DDPM (and DDIM) would default to clipping x0.
-    scheduler_config = dict(_load_component(DDPMScheduler, source, "scheduler", None).config)
-    scheduler_config["clip_sample"] = scheduler_config.get("clip_sample", False)
-    scheduler = DDPMScheduler.from_config(scheduler_config)
+    scheduler = _ddpm_scheduler(source)
     _check_components(source, tokenizer, text_encoder, denoiser, vae, scheduler, transformer)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
