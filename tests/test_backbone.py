@@ -48,7 +48,7 @@ def test_components_and_recipe_follow_the_architecture(backbone):
     assert backbone.pipeline_class == ("PixArtAlphaPipeline" if transformer else "StableDiffusionPipeline")
     assert isinstance(backbone.scheduler, diffusers.DDPMScheduler)
     assert backbone.is_transformer == transformer
-    assert backbone.latent_shape == (4, 8, 8) and backbone.resolution == 16
+    assert backbone.latent_shape == (4, 16, 16) and backbone.resolution == 32
     assert backbone.student_rank == (128 if transformer else 256) and backbone.fake_rank == 32
     assert backbone.one_step_alpha_bar == (OFFICIAL_ONE_STEP_ALPHA_BAR if transformer else None)
     assert backbone.max_length == (120 if transformer else 77)
@@ -74,9 +74,9 @@ def test_conditioning_denoise_and_decode(backbone):
     eps = backbone.denoise(z, torch.tensor([999, 500, 10]), cond)
     assert eps.shape == z.shape  # PixArt's learned-sigma half is dropped
     images = backbone.decode(z)
-    assert images.shape == (3, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
+    assert images.shape == (3, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
     samples = backbone.sample(PROMPTS, 2, 2.0, seed=4, batch_size=2, progress=False)
-    assert samples.shape == (3, 3, 16, 16)
+    assert samples.shape == (3, 3, 32, 32)
     torch.testing.assert_close(samples, backbone.sample(PROMPTS, 2, 2.0, seed=4, batch_size=3, progress=False),
                                atol=1e-5, rtol=0)
 
@@ -189,5 +189,5 @@ def test_export_refuses_a_foreign_folder_and_bad_latents(tmp_path):
     with pytest.raises(FileExistsError, match="not an exported student"):
         export_student(backbone.denoiser, backbone, tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "keep me"
-    with pytest.raises(ValueError, match=r"latents must have shape \(2, 4, 8, 8\)"):
-        one_step_generate(backbone.denoiser, backbone, PROMPTS[:2], latents=torch.zeros(2, 4, 16, 16))
+    with pytest.raises(ValueError, match=r"latents must have shape \(2, 4, 16, 16\)"):
+        one_step_generate(backbone.denoiser, backbone, PROMPTS[:2], latents=torch.zeros(2, 4, 8, 8))

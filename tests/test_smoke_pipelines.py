@@ -59,7 +59,7 @@ def test_stock_diffusers_loads_and_generates_offline(folders, kind, monkeypatch)
     extra = dict(use_resolution_binning=False, clean_caption=False) if kind == "pixart-alpha-256" else {}
     images = pipeline("a red circle left of a blue square", num_inference_steps=2, output_type="pt",
                       generator=torch.Generator().manual_seed(0), **extra).images
-    assert images.shape == (1, 3, 16, 16)
+    assert images.shape == (1, 3, 32, 32)
     assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
     assert attempts == []
 
@@ -81,7 +81,7 @@ def test_sd_unet_structure(pipelines, kind):
     assert [type(b).__name__ for b in unet.down_blocks] == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
     assert [type(b).__name__ for b in unet.up_blocks] == ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
     assert type(unet.mid_block).__name__ == "UNetMidBlock2DCrossAttn"
-    assert (unet.config.in_channels, unet.config.out_channels, unet.config.sample_size) == (4, 4, 8)
+    assert (unet.config.in_channels, unet.config.out_channels, unet.config.sample_size) == (4, 4, 16)
     assert unet.config.cross_attention_dim == pipeline.text_encoder.config.hidden_size
     projections = [m for n, m in unet.named_modules() if n.endswith((".proj_in", ".proj_out"))]
     assert len(projections) == 2 * (3 + 1 + 3 * 2)  # a transformer per down resnet, mid, up resnet (2 per block)
@@ -110,7 +110,7 @@ def test_sd_scheduler_is_sd15s(pipelines, kind):
 def test_vae_is_a_two_level_sd_autoencoder(pipelines):
     for pipeline in pipelines.values():
         vae = pipeline.vae
-        assert pipeline.vae_scale_factor == 2 and vae.config.sample_size == 16
+        assert pipeline.vae_scale_factor == 2 and vae.config.sample_size == 32
         assert vae.config.latent_channels == 4 and vae.config.scaling_factor == 0.18215
 
 
@@ -119,7 +119,7 @@ def test_pixart_structure(pipelines):
     transformer = pipeline.transformer
     assert transformer.config.norm_type == "ada_norm_single"
     assert transformer.config.out_channels == 2 * transformer.config.in_channels == 8  # learned sigma
-    assert (transformer.config.patch_size, transformer.config.sample_size) == (2, 8)
+    assert (transformer.config.patch_size, transformer.config.sample_size) == (2, 16)
     assert transformer.config.caption_channels == pipeline.text_encoder.config.d_model
     assert not transformer.use_additional_conditions  # PixArt-α 256 has none either (only sample_size 128)
     assert len(transformer.transformer_blocks) == 2
@@ -148,7 +148,7 @@ def official_layers(denoiser: nn.Module, kind: str, rule: str) -> list[str]:
 
 def denoiser_output(denoiser: nn.Module, kind: str) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    latents = torch.randn(1, 4, 16, 16, generator=generator)
     text = torch.randn(1, 5, 32, generator=generator)
     timestep = torch.tensor([999])
     with torch.no_grad():
@@ -204,7 +204,7 @@ def test_smoke_pipeline_is_built_once_into_the_cache(folders, monkeypatch, tmp_p
     monkeypatch.setenv("WADI_CACHE_DIR", str(tmp_path))
     calls = counting_builds(monkeypatch)
     folder = smoke_pipeline("pixart-alpha-256")
-    assert folder == tmp_path / "smoke_pipelines" / "pixart-alpha-256-v1"
+    assert folder == tmp_path / "smoke_pipelines" / "pixart-alpha-256-v2"
     assert calls == ["pixart-alpha-256"]
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # the staging folder was renamed
     assert folder_bytes(folder) == folder_bytes(folders["pixart-alpha-256"])
@@ -226,7 +226,7 @@ def test_interrupted_build_leaves_nothing_in_the_cache(monkeypatch, tmp_path):
 
 def test_a_cache_folder_without_a_pipeline_is_reported(monkeypatch, tmp_path):
     monkeypatch.setenv("WADI_CACHE_DIR", str(tmp_path))
-    target = tmp_path / "smoke_pipelines" / "pixart-alpha-256-v1"
+    target = tmp_path / "smoke_pipelines" / "pixart-alpha-256-v2"
     target.mkdir(parents=True)
     (target / "junk.txt").write_text("not a pipeline")
     with pytest.raises(RuntimeError, match="holds no pipeline .* delete it"):

@@ -4,7 +4,8 @@ path in CI without a download.
 Each is a standard diffusers pipeline folder (``model_index.json`` + component subfolders, safetensors) that
 ``DiffusionPipeline.from_pretrained`` loads offline. The denoiser is built from the real hub ``config.json``
 (:func:`wadi_core.backbones.paper.load_config`) with only the sizes shrunk, so block types, projections and
-embeddings are those of the paper's model; 16×16 images, 8×8 latents (a 2-level VAE instead of SD's 4 levels).
+embeddings are those of the paper's model; 32×32 images (ShapesWorld's size), 16×16 latents (a 2-level VAE
+instead of SD's 4 levels).
 
 - ``sd15``: ``StableDiffusionPipeline``; U-Net with ``CrossAttnDownBlock2D`` ×3 + ``DownBlock2D``, a
   cross-attention mid block, 1×1-conv ``proj_in``/``proj_out``, widths 16/32/64/64 (SD: 320/640/1280/1280) and
@@ -50,7 +51,7 @@ from .paper import load_config
 from .tiny import SD15_SCHEDULER_CONFIG
 
 SMOKE_KINDS = ("sd15", "sd21-base", "pixart-alpha-256")  # the paper backbone names (PAPER_BACKBONES)
-_CACHE_VERSION = "v1"  # bump when a builder below changes, so cached pipelines are rebuilt
+_CACHE_VERSION = "v2"  # bump when a builder below changes, so cached pipelines are rebuilt
 
 # PixArt-α's scheduler (diffusers' PixArt conversion script: DPMSolverMultistepScheduler()), fields spelled out.
 PIXART_SCHEDULER_CONFIG = dict(
@@ -65,7 +66,7 @@ PIXART_SCHEDULER_CONFIG = dict(
     lower_order_final=True,
 )
 
-_LATENT_SIDE = 8  # sample_size of U-Net / transformer; the VAE doubles it to 16-pixel images
+_LATENT_SIDE = 16  # sample_size of U-Net / transformer; the VAE doubles it to 32-pixel images (ShapesWorld's)
 _TEXT_WIDTH = 32  # hidden size of both text encoders = cross_attention_dim / caption_channels
 _UNET_SIZES = dict(block_out_channels=[16, 32, 64, 64], layers_per_block=1, norm_num_groups=8)
 _UNET_HEADS = {"sd15": 2, "sd21-base": [1, 2, 4, 4]}  # diffusers' attention_head_dim = heads per level
@@ -164,7 +165,7 @@ def _transformer(seed: int) -> PixArtTransformer2DModel:
 
 
 def _vae(seed: int) -> AutoencoderKL:
-    """SD's KL autoencoder (4 latent channels, scaling 0.18215) with 2 levels: 16-pixel images, 8×8 latents."""
+    """SD's KL autoencoder (4 latent channels, scaling 0.18215) with 2 levels: 32-pixel images, 16×16 latents."""
     torch.manual_seed(seed)
     return AutoencoderKL(
         down_block_types=["DownEncoderBlock2D"] * 2,
