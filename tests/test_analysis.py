@@ -313,23 +313,3 @@ def test_nn_module_inputs():
             torch.testing.assert_close(mine, theirs)
     torch.testing.assert_close(restored[0].bias, student[0].bias)
     assert len(residual_energy(teacher, student, progress=False)) == 2
-
-
-def test_load_denoiser_state_reads_a_safetensors_file_and_a_diffusers_folder(tmp_path):
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import save_file
-
-    from wadi_core.analysis import PAPER_PAIRS, load_denoiser_state
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                                layers_per_block=1, cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-    state = {k: v.contiguous() for k, v in unet.state_dict().items()}
-    save_file(state, str(tmp_path / "unet.safetensors"))
-    unet.save_pretrained(tmp_path / "folder")
-    for source in (tmp_path / "unet.safetensors", tmp_path / "folder"):
-        loaded = load_denoiser_state(str(source))
-        assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)
-    assert {"DMD2 vs SD1.5", "PixArt-α DMD vs PixArt-α"} <= set(PAPER_PAIRS)

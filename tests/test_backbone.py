@@ -191,3 +191,35 @@ def test_export_refuses_a_foreign_folder_and_bad_latents(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "keep me"
     with pytest.raises(ValueError, match=r"latents must have shape \(2, 4, 16, 16\)"):
         one_step_generate(backbone.denoiser, backbone, PROMPTS[:2], latents=torch.zeros(2, 4, 8, 8))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# load_denoiser: Fig. 1's model pairs from names, folders and released state dicts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_load_denoiser_from_a_name_a_pipeline_folder_a_model_folder_and_a_state_dict(tmp_path):
+    from safetensors.torch import save_file
+
+    from wadi_core.backbones.denoisers import load_denoiser
+
+    teacher = load_denoiser("smoke-sd15")
+    assert type(teacher).__name__ == "UNet2DConditionModel" and not any(p.requires_grad for p in teacher.parameters())
+    student = _perturbed_student(load_backbone("smoke-sd15", device="cpu"))
+    export_student(student, load_backbone("smoke-sd15", device="cpu"), tmp_path / "pipeline")
+    from wadi_core.adapters import merged_copy
+
+    merged = merged_copy(student)
+    merged.save_pretrained(tmp_path / "model")
+    save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, str(tmp_path / "rotated_unet.safetensors"))
+    for source in (tmp_path / "pipeline", tmp_path / "model", tmp_path / "rotated_unet.safetensors"):
+        loaded = load_denoiser(source, like=teacher)
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in merged.state_dict().items())
+    with pytest.raises(ValueError, match="bare state dict"):
+        load_denoiser(tmp_path / "rotated_unet.safetensors")
+    wrong = {k: v for k, v in merged.state_dict().items() if "mid_block" not in k}
+    save_file({k: v.contiguous() for k, v in wrong.items()}, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(PipelineLoadError, match="does not load strictly.*missing \\['mid_block"):
+        load_denoiser(tmp_path / "partial.safetensors", like=teacher)
+    with pytest.raises(PipelineLoadError, match="neither a model folder"):
+        load_denoiser(tmp_path)

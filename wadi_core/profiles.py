@@ -1,10 +1,11 @@
 """Run profiles: every size, step count, seed, learning rate and eval-set size in one place.
 
-| profile | where | purpose |
-|---|---|---|
-| ``smoke`` | any CPU, CI | proves every notebook runs headlessly; no quality claims |
-| ``tiny``  | any CPU, offline | the committed, readable reproduction (default) |
-| ``paper`` | GPU + model hub | SD1.5 / SD2.1-base / PixArt-α at paper scale |
+| profile | backbone | where | purpose |
+|---|---|---|---|
+| ``smoke`` | ``tiny-smoke`` | any CPU, CI | proves every notebook runs headlessly; no quality claims |
+| ``tiny``  | ``tiny`` | any CPU, offline | the committed, readable reproduction (default) |
+| ``paper-smoke`` | ``smoke-sd15`` | any CPU, CI | the paper code path on a random-weight SD1.5-structured pipeline |
+| ``paper`` | ``sd15`` | GPU + model hub | SD1.5 / SD2.1-base / PixArt-α at paper scale (:class:`PaperDataConfig`) |
 
 Notebooks read a profile with :func:`get_profile` and pass its sub-configs explicitly to ``wadi_core``
 functions; nothing else holds a magic number. Each sub-config is a frozen dataclass whose hash names the
@@ -16,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-PROFILE_NAMES = ("smoke", "tiny", "paper")
+PROFILE_NAMES = ("smoke", "tiny", "paper-smoke", "paper")
 
 
 @dataclass(frozen=True)
@@ -151,8 +152,28 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class PaperDataConfig:
+    """The data and released models the paper path reads (docs/paper_notes.md#evaluation-protocols); paths are
+    relative to the working directory or absolute. Only the paper-scale cells of notebooks 01 and 04 use them."""
+
+    train_prompts: str = "data/journeydb/train_anno.jsonl"  # JourneyDB captions (official dataset.py)
+    coco2014_annotations: str = "data/coco/annotations/captions_val2014.json"  # COCO-2014 30k (SwiftBrush-v2)
+    coco2014_images: str = "data/coco/val2014"
+    coco2017_annotations: str = "data/coco/annotations/captions_val2017.json"  # COCO-2017 5k
+    coco2017_images: str = "data/coco/val2017"
+    # (label, teacher, student) of notebook 01's weight analysis: backbone names, pipeline or model folders, hub
+    # ids, or .safetensors state dicts (the released merged WaDi U-Nets) loaded strictly into the teacher's class.
+    weight_pairs: tuple[tuple[str, str, str], ...] = (
+        ("DMD2 vs SD1.5", "sd15", "models/dmd2_sd15_unet.safetensors"),
+        ("PixArt-α DMD vs PixArt-α", "PixArt-alpha/PixArt-XL-2-512x512", "PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512"),
+        ("WaDi vs SD1.5 (released)", "sd15", "models/rotated_unet-sdv1-5.safetensors"),
+    )
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
+    backbone: str = "tiny"  # wadi_core.backbones.load_backbone(config.backbone) in every model notebook
     world: WorldConfig = field(default_factory=WorldConfig)
     clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
     teacher: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
@@ -160,6 +181,7 @@ class Profile:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     adapters: AdapterStudyConfig = field(default_factory=AdapterStudyConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    paper_data: PaperDataConfig = field(default_factory=PaperDataConfig)
     needs_gpu: bool = False
 
     @property
@@ -174,10 +196,11 @@ class Profile:
         return dataclasses.asdict(self)
 
 
-def _smoke() -> Profile:
+def _smoke(name: str = "smoke", backbone: str = "tiny-smoke") -> Profile:
     # Mechanics only: a few steps of everything, tiny eval sets (FID needs more images than feature dims).
     return Profile(
-        name="smoke",
+        name=name,
+        backbone=backbone,
         world=WorldConfig(train_size=512, validation_size=16, coco14_size=160, coco17_size=160),
         clip=ClipTrainConfig(steps=5, batch_size=32),
         teacher=TeacherTrainConfig(steps=5, batch_size=8, warmup_steps=2),
@@ -197,6 +220,7 @@ def _paper() -> Profile:
     # COCO protocols (docs/paper_notes.md#evaluation-protocols). Tiny-world training configs do not apply there.
     return Profile(
         name="paper",
+        backbone="sd15",
         world=WorldConfig(coco14_size=30_000, coco17_size=5_000),
         sampling=SamplingConfig(eval_samples=30_000, guidance_scale=3.0, batch_size=16),
         distill=DistillConfig(  # the official recipe (train_dkd_sd1.5.sh), no tiny-world deviations
@@ -209,7 +233,14 @@ def _paper() -> Profile:
     )
 
 
-_PROFILES = {"smoke": _smoke, "tiny": lambda: Profile(name="tiny"), "paper": _paper}
+def _paper_smoke() -> Profile:
+    # The smoke profile's sizes on the random-weight SD1.5-structured pipeline (wadi_core.backbones.smoke): every
+    # notebook's code path on a latent diffusers pipeline, in seconds; notebook 01 and 04's paper cells read
+    # files the run writes itself (paper_smoke_data).
+    return _smoke(name="paper-smoke", backbone="smoke-sd15")
+
+
+_PROFILES = {"smoke": _smoke, "tiny": lambda: Profile(name="tiny"), "paper-smoke": _paper_smoke, "paper": _paper}
 
 
 def get_profile(name: str = "tiny") -> Profile:

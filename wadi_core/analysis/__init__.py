@@ -9,12 +9,10 @@
 from .weights import (
     CHANGE_COLUMNS,
     ENERGY_COLUMNS,
-    PAPER_PAIRS,
     SWAP_TAKES,
     cumulative_energy,
     direction_residual,
     layer_kind,
-    load_denoiser_state,
     rank_k,
     residual_energy,
     row_changes,
@@ -26,8 +24,6 @@ from .weights import (
 )
 
 __all__ = [
-    "PAPER_PAIRS",
-    "load_denoiser_state",
     "CHANGE_COLUMNS",
     "ENERGY_COLUMNS",
     "SWAP_TAKES",

@@ -374,39 +374,3 @@ def swap(
     return {
         name: swapped[name] if name in swapped else tensor.detach().clone() for name, tensor in student_state.items()
     }
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The paper's model pairs (Fig. 1), loaded from the model hub on the `paper` profile.
-# ---------------------------------------------------------------------------------------------------------------
-
-PAPER_PAIRS: dict[str, dict[str, str]] = {
-    "DMD2 vs SD1.5": {
-        "teacher": "stable-diffusion-v1-5/stable-diffusion-v1-5 (subfolder unet)",
-        "student": "tianweiy/DMD2 (the SD1.5 one-step UNet checkpoint; pass its local path)",
-        "architecture": "UNet2DConditionModel",
-    },
-    "PixArt-α DMD vs PixArt-α": {
-        "teacher": "PixArt-alpha/PixArt-XL-2-512x512 (subfolder transformer)",
-        "student": "PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512 (subfolder transformer)",
-        "architecture": "PixArtTransformer2DModel",
-    },
-}
-
-
-def load_denoiser_state(source: str, subfolder: str | None = None, architecture: str = "UNet2DConditionModel"):
-    """State dict of a diffusers denoiser from a hub id or a local folder (``paper`` profile; needs the weights
-    or hub access). A ``.safetensors`` / ``.bin`` file path is loaded directly as a state dict."""
-    from pathlib import Path
-
-    path = Path(source)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    if path.suffix == ".bin":
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    import diffusers
-
-    model_class = getattr(diffusers, architecture)
-    return model_class.from_pretrained(source, subfolder=subfolder).state_dict()

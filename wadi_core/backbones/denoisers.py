@@ -1,0 +1,122 @@
+"""A denoiser alone, from wherever a teacher or a released student lives (WaDi Fig. 1's model pairs).
+
+:func:`load_denoiser` takes a backbone name (``"tiny"``, ``"sd15"``, ``"smoke-sd15"``, …), a diffusers pipeline
+folder or hub repository (its ``unet`` / ``transformer``), a model folder or repository with a ``config.json``, or
+a ``.safetensors`` state dict such as the released merged WaDi U-Nets (``rotated_unet-sdv1-5.safetensors``),
+which the official ``infer_sd_model.py`` loads with strict key matching into a vanilla ``UNet2DConditionModel``
+of the teacher's config, as this does (``like=teacher``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import diffusers
+from safetensors.torch import load_file
+from torch import nn
+
+from .backbone import PipelineLoadError, _hub_error, hub_offline
+
+DENOISER_FOLDERS = ("unet", "transformer")
+
+
+def _hub_json(repo_id: str, filename: str) -> dict | None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return json.loads(Path(hf_hub_download(repo_id, filename, local_files_only=hub_offline())).read_text())
+    except EntryNotFoundError:
+        return None
+    except Exception as err:  # not cached while offline, no network, unknown repository
+        raise PipelineLoadError(_hub_error(repo_id, err)) from err
+
+
+def _model_class(config: dict, where: str) -> type:
+    name = config.get("_class_name")
+    name = {"Transformer2DModel": "PixArtTransformer2DModel"}.get(name, name)  # PixArt's legacy hub configs
+    if name not in ("UNet2DConditionModel", "PixArtTransformer2DModel"):
+        raise PipelineLoadError(f"{where}: config.json names {name!r}; expected a UNet2DConditionModel or a "
+                                "PixArtTransformer2DModel")
+    return getattr(diffusers, name)
+
+
+def _from_pretrained(source: str, subfolder: str | None, config: dict) -> nn.Module:
+    cls = _model_class(config, f"{source}/{subfolder or ''}")
+    kwargs = {} if Path(source).is_dir() else {"local_files_only": hub_offline()}
+    try:
+        return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
+    except OSError as err:
+        raise PipelineLoadError(_hub_error(source, err) if not Path(source).is_dir() else
+                                f"{source}: cannot load the denoiser ({err})") from err
+
+
+def load_denoiser(source: str | Path, like: nn.Module | None = None) -> nn.Module:
+    """The frozen denoiser at ``source`` (see the module doc), in eval mode on the CPU.
+
+    Args:
+        source: backbone name, pipeline or model folder, hub repository id, or ``.safetensors`` state dict.
+        like: the model whose class and config a ``.safetensors`` state dict is loaded into (strictly).
+
+    Raises:
+        ValueError: a state-dict file without ``like``.
+        PipelineLoadError: nothing loadable at ``source``, a repository not cached while offline, or a state dict
+            whose keys or shapes do not match ``like`` (the message names the first mismatches).
+    """
+    from . import TINY_BACKBONES, load_backbone
+    from .paper import PAPER_BACKBONES
+    from .smoke import SMOKE_KINDS, smoke_pipeline
+
+    source = str(source)
+    if source in TINY_BACKBONES:
+        return load_backbone(source).denoiser
+    if source in PAPER_BACKBONES:
+        spec = PAPER_BACKBONES[source]
+        config = _hub_json(spec.hub_id, f"{spec.subfolder}/config.json") or {}
+        return _frozen(_from_pretrained(spec.hub_id, spec.subfolder, config))
+    if source.startswith("smoke-") and source[len("smoke-"):] in SMOKE_KINDS:
+        return load_denoiser(smoke_pipeline(source[len("smoke-"):]))
+    path = Path(source)
+    if path.suffix == ".safetensors":
+        return _strict_state_dict(path, like)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return _frozen(_from_pretrained(source, None, json.loads((path / "config.json").read_text())))
+        for folder in DENOISER_FOLDERS:
+            if (path / folder / "config.json").is_file():
+                config = json.loads((path / folder / "config.json").read_text())
+                return _frozen(_from_pretrained(source, folder, config))
+        raise PipelineLoadError(f"{path}: neither a model folder (config.json) nor a pipeline folder with a unet/ "
+                                "or transformer/ subfolder")
+    if path.exists() or source.startswith((".", "/")) or source.count("/") != 1:
+        raise PipelineLoadError(f"{source}: no denoiser there (expected a backbone name, a folder, a hub id "
+                                "owner/name or a .safetensors file)")
+    index = _hub_json(source, "model_index.json")
+    if index is not None:
+        folder = next((f for f in DENOISER_FOLDERS if f in index), None)
+        if folder is None:
+            raise PipelineLoadError(f"{source}: its model_index.json has no unet or transformer")
+        return _frozen(_from_pretrained(source, folder, _hub_json(source, f"{folder}/config.json") or {}))
+    return _frozen(_from_pretrained(source, None, _hub_json(source, "config.json") or {}))
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    return model.requires_grad_(False).eval()
+
+
+def _strict_state_dict(path: Path, like: nn.Module | None) -> nn.Module:
+    if like is None:
+        raise ValueError(f"{path} is a bare state dict: pass like=<the teacher> to load it into the teacher's class")
+    if not path.is_file():
+        raise PipelineLoadError(f"{path}: no such file")
+    state = load_file(str(path))
+    model = type(like).from_config(like.config)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    reshaped = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or reshaped:
+        raise PipelineLoadError(f"{path} does not load strictly into a {type(like).__name__} of the teacher's config: "
+                                f"missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {reshaped[:3]}")
+    model.load_state_dict(state, strict=True)
+    return _frozen(model)
