@@ -136,24 +136,25 @@ def unet_call_seconds(unets: Mapping[str, nn.Module], prompt_embeds: torch.Tenso
 def run_training_step_benchmark(profile_name: str = "tiny", repeats: int = 5, warmup: int = 2,
                                 prompts: int | None = None, batch_size: int | None = None) -> pd.DataFrame:
     """:func:`training_step_costs` of the official-hook LoRaD student and of every student method of
-    ``profile_name``'s recipe, on its bundled teacher and the training split's captions (the setting of notebook
-    03). ``prompts`` keeps the first prompts only and ``batch_size`` overrides the recipe's (quick runs).
+    ``profile_name``'s recipe, on its backbone (``load_backbone(profile.backbone)``) and the training split's
+    captions (the setting of notebook 03). ``prompts`` keeps the first prompts only and ``batch_size`` overrides
+    the recipe's (quick runs).
 
     Returns one row per student (index: ``lorad_official_hook`` then :data:`~wadi_core.distill.STUDENT_METHODS`).
     """
-    from ..backbones import load_tiny_backbone
+    from ..backbones import load_backbone
     from ..distill import STUDENT_METHODS, prompt_embeddings, student_config
     from ..profiles import get_profile
     from ..world import make_split
 
     profile = get_profile(profile_name)
-    backbone = load_tiny_backbone(profile)
+    backbone = load_backbone(profile.backbone)
     captions = sorted(set(make_split("train", profile.world).captions))[:prompts]
     embeds = prompt_embeddings(backbone, captions)
     overrides = {} if batch_size is None else {"batch_size": batch_size}
     students = {OFFICIAL_HOOK: (student_config(profile.distill, "lorad", **overrides), True)}
     students.update({m: (student_config(profile.distill, m, **overrides), False) for m in STUDENT_METHODS})
-    return training_step_costs(backbone.unet, backbone.scheduler, embeds, backbone.null_embedding(), students,
+    return training_step_costs(backbone.denoiser, backbone.scheduler, embeds, backbone.null_embedding(), students,
                                repeats, warmup)
 
 
