@@ -25,6 +25,7 @@ __all__ = [
 ]
 
 from .vsd import (  # noqa: E402
+    PromptEncoder,
     VSDResult,
     VSDState,
     build_vsd,
@@ -36,8 +37,8 @@ from .vsd import (  # noqa: E402
     vsd_step,
 )
 
-__all__ += ["VSDResult", "VSDState", "build_vsd", "checkpoint_path", "latest_checkpoint", "resume_vsd",
-            "save_vsd_checkpoint", "train_vsd", "vsd_step"]
+__all__ += ["PromptEncoder", "VSDResult", "VSDState", "build_vsd", "checkpoint_path", "latest_checkpoint",
+            "resume_vsd", "save_vsd_checkpoint", "train_vsd", "vsd_step"]
 
 from .students import (  # noqa: E402
     STUDENT_METHODS,

@@ -39,7 +39,7 @@ from ..diffusion import one_step_x0
 from ..profiles import DistillConfig, Profile
 from ..world import make_split
 from .config import VSDConfig
-from .vsd import VSDResult, train_vsd
+from .vsd import PromptEncoder, VSDResult, train_vsd
 
 STUDENT_KIND = "student"
 STUDENT_METHODS = ("lorad", "full", "lora", "dora", "dora_frozen_norm")  # WaDi, then the baselines
@@ -129,13 +129,19 @@ def _one_step_config(backbone, config: VSDConfig) -> VSDConfig:
     return config
 
 
+EMBEDDING_CACHE_LIMIT_BYTES = 2 * 1024**3  # distill caches the prompts' text states up to this size
+
+
 def distill(backbone, prompts: list[str], config: VSDConfig, out_dir: str | Path, max_steps: int | None = None,
-            progress: bool = True) -> VSDResult:
+            progress: bool = True, cache_embeddings: bool | None = None) -> VSDResult:
     """Distil ``backbone``'s denoiser into a one-step student with VSD (WaDi §3.3), in the denoiser's space
     (latent for SD and PixArt, pixel for the tiny world), resuming from the checkpoint in ``out_dir``.
 
-    ``prompts`` are encoded once by the backbone and cached (:func:`prompt_embeddings`); VSD needs no images.
-    A ``config.one_step_alpha_bar`` of None takes the backbone's (PixArt: the official 0.0047).
+    VSD needs no images, only prompts. They are encoded once and cached (:func:`prompt_embeddings`) when their
+    text states fit in :data:`EMBEDDING_CACHE_LIMIT_BYTES` (``cache_embeddings=None``), else encoded as each
+    step draws them (:class:`~.vsd.PromptEncoder`), as the official ``dataset.py`` does: 1.4M JourneyDB prompts
+    would take 330 GB of SD1.5 text states. A ``config.one_step_alpha_bar`` of None takes the backbone's (PixArt:
+    the official 0.0047).
 
     Raises:
         ValueError: no prompts, or a checkpoint in ``out_dir`` from another config.
@@ -144,9 +150,15 @@ def distill(backbone, prompts: list[str], config: VSDConfig, out_dir: str | Path
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("distill needs a non-empty list of prompt strings")
     config = _one_step_config(backbone, config)
-    embeds = prompt_embeddings(backbone, prompts)
-    return train_vsd(backbone.denoiser, backbone.scheduler, embeds, backbone.null_embedding(), config, out_dir,
-                     max_steps=max_steps, progress=progress)
+    null = backbone.null_embedding()
+    if cache_embeddings is None:
+        cache_embeddings = len(prompts) * null[0].numel() * 4 <= EMBEDDING_CACHE_LIMIT_BYTES
+    if cache_embeddings:
+        embeds = prompt_embeddings(backbone, prompts)
+    else:
+        embeds = PromptEncoder(prompts, backbone.encode_prompts)
+    return train_vsd(backbone.denoiser, backbone.scheduler, embeds, null, config, out_dir, max_steps=max_steps,
+                     progress=progress)
 
 
 def load_or_train_student(

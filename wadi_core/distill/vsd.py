@@ -65,6 +65,21 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.safetensors$")
 _RESUMABLE_CHANGES = ("steps", "checkpoint_every")
 
 
+class PromptEncoder:
+    """Training prompts encoded when a step draws them (``encode(prompts) -> (B, L, D)``), indexed like the cached
+    (N, L, D) tensor: ``len()`` is N and ``[indices]`` the conditioning of those prompts, on the CPU."""
+
+    def __init__(self, prompts: list[str], encode):
+        self.prompts, self.encode = list(prompts), encode
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.encode([self.prompts[i] for i in index.tolist()]).detach().cpu()
+
+
 @dataclass
 class VSDState:
     """A VSD run between generator steps: built by :func:`build_vsd`, advanced by :func:`vsd_step`."""
@@ -80,7 +95,7 @@ class VSDState:
     opt_student: torch.optim.Optimizer
     opt_fake: torch.optim.Optimizer
     generator: torch.Generator  # the loop's CPU generator: every random draw of a step
-    prompt_embeds: torch.Tensor  # (N, L, D) on the CPU
+    prompt_embeds: torch.Tensor | PromptEncoder  # (N, L, D) on the CPU, or encoded batch by batch
     null: torch.Tensor  # (1, L, D) empty-prompt states on the training device
     latent_shape: tuple[int, ...]  # (C, H, W) of z
     per_process_batch: int
@@ -255,7 +270,9 @@ def build_vsd(
         teacher_unet: the frozen real score (an SD ``UNet2DConditionModel`` or a PixArt transformer, in latent or
             pixel space); copied for the student and the fake score, and itself set to ``requires_grad_(False)``.
         scheduler: the teacher's DDPM scheduler (ᾱ for the one-step formula and the losses).
-        prompt_embeds: (N, L, D) cached text states of the training prompts; each step samples B of them.
+        prompt_embeds: (N, L, D) cached text states of the training prompts, or a :class:`PromptEncoder` that
+            encodes the B prompts a step samples (the official ``dataset.py`` encodes on the fly: 1.4M SD prompts
+            would take 330 GB as one tensor).
         null_embed: (1, L, D) or (L, D) states of the empty prompt (CFG's unconditional branch).
         config: the run's :class:`VSDConfig`.
         student: an already adapted student to train instead of the default, a copy of the teacher with
@@ -264,7 +281,7 @@ def build_vsd(
     """
     from accelerate import Accelerator
 
-    if prompt_embeds.ndim != 3:
+    if isinstance(prompt_embeds, torch.Tensor) and prompt_embeds.ndim != 3:
         raise ValueError(f"prompt_embeds must be (N, L, D), got shape {tuple(prompt_embeds.shape)}")
     torch.manual_seed(config.seed)
     # (1) Student: teacher weights + adapter at identity ("full": every parameter trainable), as `register_hooks`
@@ -304,8 +321,8 @@ def build_vsd(
         config=config, scheduler=scheduler, accelerator=accelerator, student=student, fake=fake, real=real,
         raw_student=raw_student, raw_fake=raw_fake, opt_student=opt_student, opt_fake=opt_fake,
         generator=torch.Generator(device="cpu").manual_seed(config.seed + accelerator.process_index),
-        prompt_embeds=prompt_embeds.detach().to("cpu"),
-        null=null_embed.reshape(1, *prompt_embeds.shape[1:]).to(device),
+        prompt_embeds=prompt_embeds.detach().to("cpu") if isinstance(prompt_embeds, torch.Tensor) else prompt_embeds,
+        null=null_embed.reshape(1, *null_embed.shape[-2:]).to(device),
         latent_shape=(raw_student.config.in_channels, *size),
         per_process_batch=max(1, config.batch_size // accelerator.num_processes), ema=ema,
     )
@@ -339,7 +356,7 @@ def resume_vsd(state: VSDState, out_dir: str | Path) -> int | None:
 
 def sample_batch(state: VSDState) -> tuple[torch.Tensor, torch.Tensor]:
     """(5a) B prompt states and z ~ N(0, I), both drawn from the loop generator."""
-    index = torch.randint(0, state.prompt_embeds.shape[0], (state.per_process_batch,), generator=state.generator)
+    index = torch.randint(0, len(state.prompt_embeds), (state.per_process_batch,), generator=state.generator)
     z = torch.randn((state.per_process_batch, *state.latent_shape), generator=state.generator)
     device = state.accelerator.device
     return state.prompt_embeds[index].to(device), z.to(device)
