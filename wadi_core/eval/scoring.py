@@ -44,7 +44,7 @@ def score_images(images: torch.Tensor, prompts: list[str], reference: Path, *, f
     if isinstance(clip, PaperClipScorer):
         clip_value = clip_score_paper(images, prompts, clip)
     elif tokenizer is None:
-        raise ValueError("the tiny CLIP score needs its tokenizer: pass tokenizer=backbone.tokenizer")
+        raise ValueError("the tiny CLIP score needs its tokenizer: pass the tiny CLIP's (.tokenizer)")
     else:
         clip_value = clip_score(clip, tokenizer, images, prompts)
     scores = {"FID": fid(folder, reference, features=features), "CLIP score (cosine)": clip_value}
