@@ -9,6 +9,10 @@
 #   make bench                     LoRaD's cost per Linear, per tiny-world training step and per SD1.5 U-Net step
 #                                  (python -m wadi_core.benchmarks layers, training-step, sd15-step; about 20 minutes)
 #   make bench-kernels             fused Triton LoRaD vs the GEMM floor (python -m wadi_core.benchmarks kernels)
+#   make gpu-wheels                download into gpu_wheels/ the wheels make gpu-check needs beyond torch and triton
+#                                  (run where pip reaches the package index; GPU_PYTHON_VERSION, GPU_WHEELS_PROVIDED)
+#   make gpu-check                 on a CUDA machine without network (torch, triton, gpu_wheels/): the kernels in fp16
+#                                  and bf16, the SD1.5 student step with LoRaD vs the official hook (under 8 minutes)
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -102,6 +106,40 @@ bench: venv
 # CUDA GPU, fp32 on CPU (no Triton rows there); results/tables/benchmarks_kernels_<device>.csv.
 bench-kernels: venv
 	$(PY) -m wadi_core.benchmarks kernels --out results/tables --iters 10 --warmup 2 --budget-s 3600
+
+# The GPU check's wheels, for the GPU machine's Python: every distribution python -m wadi_core.benchmarks gpu-check
+# imports and what it needs, at this venv's versions, less torch, triton and GPU_WHEELS_PROVIDED (taken to be on that
+# machine, with whatever only they need; GPU_WHEELS_PROVIDED= downloads all, about 90 MB).
+GPU_WHEELS := gpu_wheels
+GPU_PYTHON_VERSION ?= 3.12
+GPU_WHEELS_PROVIDED ?= numpy pandas matplotlib seaborn pillow
+GPU_WHEEL_PLATFORMS := manylinux1 manylinux2010 manylinux2014 $(foreach n,17 24 27 28 31 34 35,manylinux_2_$(n))
+GPU_PYTHON ?= python3
+GPU_CHECK_FLAGS ?=
+.PHONY: gpu-wheels gpu-check
+
+gpu-wheels: venv
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PY) -m wadi_core.benchmarks gpu-check --wheel-pins --python-version $(GPU_PYTHON_VERSION) \
+		--provided "$(GPU_WHEELS_PROVIDED)" > $(GPU_WHEELS)/pins.txt
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --implementation cp \
+		--python-version $(GPU_PYTHON_VERSION) $(foreach p,$(GPU_WHEEL_PLATFORMS),--platform $(p)_x86_64) \
+		--dest $(GPU_WHEELS) -r $(GPU_WHEELS)/pins.txt
+	@echo "$(GPU_WHEELS)/: $$(ls $(GPU_WHEELS)/*.whl | wc -l) wheels, $$(du -sh $(GPU_WHEELS) | cut -f1)"
+
+# Installs into gpu_wheels/site only what GPU_PYTHON (the machine's Python with torch and triton) lacks, from
+# gpu_wheels/ alone, then runs the check with gpu_wheels/site and the repo first on PYTHONPATH; nothing is written
+# outside the repo. GPU_CHECK_FLAGS=--quick: the same steps at tiny sizes (also on a CPU).
+# Triton's, inductor's, CUDA's, matplotlib's and the hub's caches go to gpu_wheels/cache.
+GPU_CACHE = $(CURDIR)/$(GPU_WHEELS)/cache
+GPU_CHECK_ENV = PYTHONUNBUFFERED=1 XDG_CACHE_HOME="$(GPU_CACHE)" TRITON_CACHE_DIR="$(GPU_CACHE)/triton" \
+	TORCHINDUCTOR_CACHE_DIR="$(GPU_CACHE)/inductor" CUDA_CACHE_PATH="$(GPU_CACHE)/nv" MPLCONFIGDIR="$(GPU_CACHE)/mpl" \
+	HF_HOME="$(GPU_CACHE)/huggingface"
+
+gpu-check:
+	$(GPU_CHECK_ENV) PYTHONPATH="$(CURDIR)" $(GPU_PYTHON) -m wadi_core.benchmarks gpu-check --install-wheels $(GPU_WHEELS)
+	$(GPU_CHECK_ENV) PYTHONPATH="$(CURDIR)/$(GPU_WHEELS)/site:$(CURDIR)" \
+		$(GPU_PYTHON) -m wadi_core.benchmarks gpu-check $(GPU_CHECK_FLAGS)
 
 # Python and notebook caches and build leftovers; keeps .venv, data/ and results/.
 clean:

@@ -1,4 +1,5 @@
-"""``python -m wadi_core.benchmarks {layers,kernels,training-step,sd15-step} [options]``; see the package doc."""
+"""``python -m wadi_core.benchmarks {layers,kernels,training-step,sd15-step,gpu-check} [options]``; see the package
+doc."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import importlib
 import sys
 
 # Subcommand → (module of this package, one-line description). Each module has add_arguments(parser) and
-# main(args) -> exit status; only the chosen one is imported, so `kernels` never imports diffusers.
+# main(args) -> exit status; only the chosen one is imported, so `kernels` never imports diffusers and `gpu-check`
+# imports only the standard library until it runs the check.
 COMMANDS = {
     "layers": ("layers", "per-Linear cost of LoRaD vs the official hook, LoRA, DoRA and plain Linears"),
     "kernels": ("kernels", "fused Triton LoRaD vs its reference, the official hook and the GEMM floor"),
     "training-step": ("training_step", "one WaDi generator step per student on the tiny world's teacher"),
     "sd15-step": ("sd15_step", "one student forward+backward of the SD1.5 U-Net: LoRaD, official hook, full, frozen"),
+    "gpu-check": ("gpu_check", "make gpu-check: its wheels, then kernels fp16/bf16 and the SD1.5 step on a CUDA GPU"),
 }
 
 
