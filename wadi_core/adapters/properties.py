@@ -41,7 +41,9 @@ def check_lorad_properties(base: nn.Linear, rank: int, seed: int = 0, angle_scal
     linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, dtype=torch.float64)
     with torch.no_grad():
         linear.load_state_dict({k: v.double() for k, v in base.state_dict().items()})
-    layer = LoRaDLinear(linear, rank, name="check")
+    with torch.random.fork_rng(devices=[]):  # B's Xavier init draws from the global RNG: seed it, leave it as it was
+        torch.manual_seed(seed)
+        layer = LoRaDLinear(linear, rank, name="check")
     weight = linear.weight.detach().clone()
     x = torch.randn(16, base.in_features, generator=generator, dtype=torch.float64)
     rows = []
