@@ -25,5 +25,6 @@ from .fid import (
     save_images,
 )
 from .manifold import precision_recall
+from .protocols import PROTOCOLS, coco_protocol, one_step_generator, require_cleanfid_inception, write_coco_stand_in
 from .samples import CachedSamples, cached_samples, generate_to_folder, per_image_noise
 from .scoring import score_images
