@@ -3,9 +3,9 @@
 #   make reproduce                 run every notebook (profile tiny) in place, refresh results/
 #   ONLY=00 make reproduce         only notebook 00 (comma-separated ids: ONLY=00,03)
 #   FRESH=1 make reproduce         ignore cached artifacts in data/ and retrain
-#   PROFILE=smoke make reproduce   another profile: smoke | tiny | paper
+#   PROFILE=smoke make reproduce   another profile: smoke | tiny | paper-smoke | paper
 #   make lint                      ruff over wadi_core, tests and notebooks (part of make test)
-#   make test                      lint, unit tests, smoke run of every notebook, nbval of the committed notebooks
+#   make test                      lint, unit tests, smoke runs of every notebook (smoke, paper-smoke), nbval
 #   make bench                     LoRaD's cost per Linear, per tiny-world training step and per SD1.5 U-Net step
 #                                  (python -m wadi_core.benchmarks layers, training-step, sd15-step; about 20 minutes)
 #   make bench-kernels             fused Triton LoRaD vs the GEMM floor (python -m wadi_core.benchmarks kernels)
@@ -55,35 +55,48 @@ test: lint test-unit test-smoke test-nbval
 
 # ruff (pinned in requirements.txt; settings in pyproject.toml) over the library, the tests and the notebooks.
 lint: venv
-	@echo "=== lint: ruff check wadi_core tests notebooks ==="
+	@echo "=== test 1/4: lint (ruff check wadi_core tests notebooks) ==="
 	$(PY) -m ruff check wadi_core tests notebooks
 
 test-unit: venv
-	@echo "=== test 1/3: unit tests (pytest tests) ==="
+	@echo "=== test 2/4: unit tests (pytest tests) ==="
 	@start=$$(date +%s); \
 	$(PY) -m pytest tests; \
 	echo "=== unit tests passed in $$(( $$(date +%s) - start )) s ==="
 
-# Every notebook, retrained from scratch at the smoke profile, network blocked, in a throw-away directory
-# (kept and named when the run fails, so the executed copy with the traceback can be read).
+# Every notebook, retrained from scratch, network blocked, in a throw-away directory (kept and named when the run
+# fails, so the executed copy with the traceback can be read), at two profiles side by side on one thread each:
+# smoke (the tiny world) and paper-smoke (the same notebooks on a random-weight SD1.5-structured pipeline).
+SMOKE_PROFILES := smoke paper-smoke
+
 test-smoke: venv
-	@echo "=== test 2/3: smoke run of every notebook (profile smoke, fresh, network blocked) ==="
+	@echo "=== test 3/4: smoke runs of every notebook (profiles $(SMOKE_PROFILES), fresh, network blocked) ==="
 ifeq ($(NOTEBOOKS),)
-	@echo "no notebooks (notebooks/NN_name.ipynb) yet; skipping the smoke run"
+	@echo "no notebooks (notebooks/NN_name.ipynb) yet; skipping the smoke runs"
 else
-	@start=$$(date +%s); smoke_dir=$$(mktemp -d); \
-	if $(PY) -m wadi_core.reproduce --profile smoke --fresh --block-network \
-		--output-dir "$$smoke_dir/notebooks" --data-dir "$$smoke_dir/data" --results-dir "$$smoke_dir/results"; \
-	then rm -rf "$$smoke_dir"; \
-	else echo "smoke run failed; its notebooks, data and results are kept in $$smoke_dir"; exit 1; fi; \
-	echo "=== smoke run passed in $$(( $$(date +%s) - start )) s ==="
+	@start=$$(date +%s); pids=(); dirs=(); \
+	for profile in $(SMOKE_PROFILES); do \
+		smoke_dir=$$(mktemp -d); dirs+=("$$smoke_dir"); \
+		OMP_NUM_THREADS=1 WADI_CACHE_DIR="$$smoke_dir/cache" $(PY) -m wadi_core.reproduce --profile $$profile --fresh \
+			--block-network --output-dir "$$smoke_dir/notebooks" --data-dir "$$smoke_dir/data" \
+			--results-dir "$$smoke_dir/results" > "$$smoke_dir/log.txt" 2>&1 & pids+=($$!); \
+	done; \
+	failed=0; i=0; \
+	for profile in $(SMOKE_PROFILES); do \
+		if wait $${pids[$$i]}; then echo "--- $$profile: passed"; rm -rf "$${dirs[$$i]}"; \
+		else failed=1; echo "--- $$profile: FAILED; its log, notebooks, data and results are kept in $${dirs[$$i]}"; \
+			tail -n 40 "$${dirs[$$i]}/log.txt"; fi; \
+		i=$$((i + 1)); \
+	done; \
+	[ $$failed = 0 ]; \
+	echo "=== smoke runs passed in $$(( $$(date +%s) - start )) s ==="
 endif
 
 # Re-executes the committed notebooks with their committed parameters; WADI_NO_TRAIN=1 makes a missing
 # bundled artifact an error instead of a silent retrain, and results go to a throw-away directory. The metric
 # tests then hold the tables those runs wrote to the stored tiny-profile values (as Recommenders' notebook tests do).
 test-nbval: venv
-	@echo "=== test 3/3: nbval re-execution of the committed notebooks ==="
+	@echo "=== test 4/4: nbval re-execution of the committed notebooks ==="
 ifeq ($(NOTEBOOKS),)
 	@echo "no committed notebooks (notebooks/NN_name.ipynb) yet; skipping nbval"
 else
