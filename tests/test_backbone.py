@@ -234,3 +234,20 @@ def test_load_denoiser_from_a_name_a_pipeline_folder_a_model_folder_and_a_state_
         load_denoiser(tmp_path / "partial.safetensors", like=teacher)
     with pytest.raises(PipelineLoadError, match="neither a model folder"):
         load_denoiser(tmp_path)
+
+
+def test_distill_refuses_a_one_step_alpha_bar_the_backbone_would_not_sample_with(tmp_path):
+    backbone = load_backbone("smoke-sd15", device="cpu")
+    config = VSDConfig(student_rank=2, fake_rank=1, batch_size=2, steps=1, one_step_alpha_bar=0.0047)
+    with pytest.raises(ValueError, match="set backbone.one_step_alpha_bar instead"):
+        distill(backbone, PROMPTS, config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_official_recipes():
+    sd15, pixart = VSDConfig.official("sd15"), VSDConfig.official("pixart-alpha-256")
+    assert (sd15.student_rank, sd15.fake_rank, sd15.student_lr, sd15.fake_lr) == (256, 32, 1e-4, 1e-2)
+    assert (sd15.mixed_precision, sd15.optimizer, sd15.gradient_checkpointing) == ("fp16", "adamw_8bit", True)
+    assert (pixart.student_rank, pixart.mixed_precision, pixart.one_step_alpha_bar) == (128, "bf16", 0.0047)
+    with pytest.raises(ValueError, match="no official recipe"):
+        VSDConfig.official("sd3")

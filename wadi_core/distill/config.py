@@ -111,6 +111,21 @@ class VSDConfig:
                 f"VSDConfig.mixed_precision: {self.mixed_precision!r} not in {', '.join(MIXED_PRECISION)}"
             )
 
+    @classmethod
+    def official(cls, backbone: str = "sd15") -> VSDConfig:
+        """The official scripts' whole recipe (``train_dkd_sd1.5.sh``, ``train_dkd_sd2.1.sh``,
+        ``train_dkd_pixart.sh``), runtime included: fp16 (bf16 for PixArt-α), 8-bit AdamW, gradient
+        checkpointing, and for PixArt-α student rank 128 and the hard-coded one-step ᾱ of 0.0047. For SD the
+        one-step ᾱ stays the scheduler's (0.00466, where the scripts round it to 0.0047;
+        docs/paper_notes.md#one-step-sample). The field defaults differ only in the runtime settings, which
+        must run on a CPU too."""
+        if backbone not in ("sd15", "sd21-base", "pixart-alpha-256"):
+            raise ValueError(f"no official recipe for {backbone!r}; choose sd15, sd21-base or pixart-alpha-256")
+        pixart = backbone == "pixart-alpha-256"
+        return cls(student_rank=128 if pixart else 256, mixed_precision="bf16" if pixart else "fp16",
+                   optimizer="adamw_8bit", gradient_checkpointing=True,
+                   one_step_alpha_bar=0.0047 if pixart else None)
+
     @property
     def t_range(self) -> tuple[float, float]:
         """(t_min_fraction, t_max_fraction), the ``t_range`` argument of :func:`~.losses.generator_loss`."""

@@ -123,9 +123,18 @@ def _new_student(teacher: nn.Module, config: VSDConfig) -> nn.Module:
 
 
 def _one_step_config(backbone, config: VSDConfig) -> VSDConfig:
-    """``config`` with the backbone's one-step ᾱ where the config leaves it open (PixArt: the official 0.0047)."""
-    if config.one_step_alpha_bar is None and backbone.one_step_alpha_bar is not None:
+    """``config`` with the backbone's one-step ᾱ where the config leaves it open (PixArt: the official 0.0047).
+
+    Raises:
+        ValueError: the config sets another ᾱ than the backbone's, with which :func:`one_step_generate` and
+            :func:`export_student` would sample the student.
+    """
+    if config.one_step_alpha_bar is None:
         return dataclasses.replace(config, one_step_alpha_bar=backbone.one_step_alpha_bar)
+    if config.one_step_alpha_bar != backbone.one_step_alpha_bar:
+        raise ValueError(f"VSDConfig.one_step_alpha_bar={config.one_step_alpha_bar} but backbone {backbone.name!r} "
+                         f"samples its students with {backbone.one_step_alpha_bar} (None: the scheduler's); set "
+                         "backbone.one_step_alpha_bar instead, so that training and inference agree")
     return config
 
 

@@ -270,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = prompts[: args.max_prompts]
     # float32 weights: the trainable adapters must be fp32 under fp16/bf16 autocast, and they live in copies.
     backbone = load_backbone(args.backbone, device=process.device, dtype=torch.float32)
+    if args.one_step_alpha_bar is not None:  # the exported student's scheduler then samples with it too
+        backbone.one_step_alpha_bar = args.one_step_alpha_bar
     config = resolve_config(args, backbone, process.num_processes, cuda)
     run = {
         "argv": sys.argv[1:] if argv is None else list(argv),
