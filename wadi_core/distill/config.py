@@ -1,7 +1,9 @@
 """Configuration of the VSD distillation loop (WaDi §3.3; ``docs/paper_notes.md#vsd-training``).
 
 Defaults are the paper's values (``train_dkd_sd1.5.sh`` and ``train_dkd_sd.py``'s argument defaults,
-``docs/paper_notes.md#training-hyper-parameters``). Every deviation from the official loop that the tiny world
+``docs/paper_notes.md#training-hyper-parameters``) except the runtime settings (precision, optimizer, gradient
+checkpointing), which default to what runs on a CPU; :meth:`VSDConfig.official` is the whole official recipe of
+each backbone. Every deviation from the official loop that the tiny world
 may need (fake-score warm-up, fake:generator update ratio, gradient normalisation, EMA, loss reduction, dropout
 mode) is a named field whose paper-faithful value is the default.
 """
