@@ -74,6 +74,23 @@ class TeacherTrainConfig:
 
 
 @dataclass(frozen=True)
+class VAETrainConfig:
+    """Tiny ``AutoencoderKL`` of the latent tiny world: 2 levels (f = 2), so 32×32 images are 4×16×16 latents."""
+
+    block_out_channels: tuple[int, ...] = (32, 64)
+    latent_channels: int = 4  # as SD's VAE
+    layers_per_block: int = 1
+    steps: int = 1_500
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_min: float = 1e-4  # cosine decay floor
+    l1_weight: float = 0.1  # loss = MSE + l1_weight·L1 + kl_weight·KL (SD's VAE adds LPIPS and a GAN term)
+    kl_weight: float = 1e-6
+    scaling_samples: int = 2_048  # training images whose latent std sets scaling_factor, as SD's was set
+    seed: int = 7
+
+
+@dataclass(frozen=True)
 class ReaderTrainConfig:
     """ShapesWorld feature network (Inception analog for FID) + attribute reader."""
 
@@ -177,6 +194,7 @@ class Profile:
     world: WorldConfig = field(default_factory=WorldConfig)
     clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
     teacher: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
+    vae: VAETrainConfig = field(default_factory=VAETrainConfig)
     reader: ReaderTrainConfig = field(default_factory=ReaderTrainConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     adapters: AdapterStudyConfig = field(default_factory=AdapterStudyConfig)
@@ -204,6 +222,7 @@ def _smoke(name: str = "smoke", backbone: str = "tiny-smoke") -> Profile:
         world=WorldConfig(train_size=512, validation_size=16, coco14_size=160, coco17_size=160),
         clip=ClipTrainConfig(steps=5, batch_size=32),
         teacher=TeacherTrainConfig(steps=5, batch_size=8, warmup_steps=2),
+        vae=VAETrainConfig(steps=5, batch_size=8, scaling_samples=64),
         reader=ReaderTrainConfig(steps=5, batch_size=32),
         sampling=SamplingConfig(
             num_inference_steps=2, guidance_sweep=(1.0, 3.0), sweep_prompts=4, eval_samples=160, batch_size=80
