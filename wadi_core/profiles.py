@@ -207,7 +207,7 @@ class Profile:
         """Every seed of the profile, for `results/manifest.json`."""
         return {
             name: getattr(self, name).seed
-            for name in ("world", "clip", "teacher", "reader", "sampling", "adapters", "distill")
+            for name in ("world", "clip", "teacher", "vae", "reader", "sampling", "adapters", "distill")
         }
 
     def to_dict(self) -> dict:
