@@ -73,6 +73,14 @@ class TeacherTrainConfig:
     seed: int = 2
 
 
+def latent_teacher_config(**overrides) -> TeacherTrainConfig:
+    """The latent tiny teacher: SD1.5's pattern (cross-attention at every level but the lowest, 16 and 8 here, and
+    in the mid block) on 4×16×16 VAE latents; otherwise the pixel teacher's recipe."""
+    fields = dict(down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), seed=8)
+    return TeacherTrainConfig(**{**fields, **overrides})
+
+
 @dataclass(frozen=True)
 class VAETrainConfig:
     """Tiny ``AutoencoderKL`` of the latent tiny world: 2 levels (f = 2), so 32×32 images are 4×16×16 latents."""
@@ -195,6 +203,7 @@ class Profile:
     clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
     teacher: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
     vae: VAETrainConfig = field(default_factory=VAETrainConfig)
+    latent_teacher: TeacherTrainConfig = field(default_factory=latent_teacher_config)
     reader: ReaderTrainConfig = field(default_factory=ReaderTrainConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     adapters: AdapterStudyConfig = field(default_factory=AdapterStudyConfig)
@@ -223,6 +232,7 @@ def _smoke(name: str = "smoke", backbone: str = "tiny-smoke") -> Profile:
         clip=ClipTrainConfig(steps=5, batch_size=32),
         teacher=TeacherTrainConfig(steps=5, batch_size=8, warmup_steps=2),
         vae=VAETrainConfig(steps=5, batch_size=8, scaling_samples=64),
+        latent_teacher=latent_teacher_config(steps=5, batch_size=8, warmup_steps=2),
         reader=ReaderTrainConfig(steps=5, batch_size=32),
         sampling=SamplingConfig(
             num_inference_steps=2, guidance_sweep=(1.0, 3.0), sweep_prompts=4, eval_samples=160, batch_size=80

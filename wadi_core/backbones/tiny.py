@@ -184,12 +184,14 @@ def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def teacher_unet_config(config: TeacherTrainConfig, resolution: int, cross_attention_dim: int) -> dict:
-    """``UNet2DConditionModel`` kwargs of the tiny teacher (diffusers' config, recorded in the checkpoint)."""
+def teacher_unet_config(config: TeacherTrainConfig, resolution: int, cross_attention_dim: int,
+                        channels: int = 3) -> dict:
+    """``UNet2DConditionModel`` kwargs of a tiny teacher (diffusers' config, recorded in the checkpoint):
+    ``channels`` 3 for the pixel teacher, the VAE's 4 latent channels for the latent one."""
     return dict(
         sample_size=resolution,
-        in_channels=3,
-        out_channels=3,
+        in_channels=channels,
+        out_channels=channels,
         block_out_channels=list(config.block_out_channels),
         down_block_types=list(config.down_block_types),
         up_block_types=list(config.up_block_types),
@@ -209,26 +211,35 @@ def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompt
 def train_teacher(
     train: ShapesDataset, text_states: torch.Tensor, null_state: torch.Tensor, config: TeacherTrainConfig
 ) -> tuple[UNet2DConditionModel, dict]:
-    """ε-prediction training with SD1.5's schedule, caption dropout and an EMA of the weights (returned)."""
+    """The pixel-space teacher: :func:`train_denoiser` on the training images in [−1, 1]."""
+    unet_config = teacher_unet_config(config, train.images.shape[-1], text_states.shape[-1])
+    return train_denoiser(train.images_float(), text_states, null_state, config, unet_config)
+
+
+def train_denoiser(
+    x0: torch.Tensor, text_states: torch.Tensor, null_state: torch.Tensor, config: TeacherTrainConfig,
+    unet_config: dict,
+) -> tuple[UNet2DConditionModel, dict]:
+    """ε-prediction training of a ``UNet2DConditionModel`` on ``x0`` (N, C, H, W) (pixels, or scaled VAE latents)
+    with SD1.5's schedule, caption dropout and an EMA of the weights (returned)."""
     torch.manual_seed(config.seed)
-    unet = UNet2DConditionModel(**teacher_unet_config(config, train.images.shape[-1], text_states.shape[-1]))
+    unet = UNet2DConditionModel(**unet_config)
     ema = UNet2DConditionModel(**unet.config).requires_grad_(False)
     ema.load_state_dict(unet.state_dict())
     scheduler = make_scheduler()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(config.seed)
-    pixels = train.images_float()
     log: dict[str, list[float]] = {"step": [], "loss": [], "lr": [], "seconds": []}
     start = time.perf_counter()
     unet.train()
     for step in tqdm(range(config.steps), desc="teacher UNet", mininterval=5.0):
-        batch = torch.randint(len(train), (config.batch_size,), generator=generator)
-        x0 = pixels[batch]
-        noise = torch.randn(x0.shape, generator=generator)
+        batch = torch.randint(len(x0), (config.batch_size,), generator=generator)
+        target = x0[batch]
+        noise = torch.randn(target.shape, generator=generator)
         t = torch.randint(scheduler.config.num_train_timesteps, (len(batch),), generator=generator)
         drop = torch.rand(len(batch), generator=generator) < config.caption_dropout
         cond = torch.where(drop[:, None, None], null_state.expand_as(text_states[batch]), text_states[batch])
-        pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
+        pred = unet(scheduler.add_noise(target, noise, t), t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, noise)
         lr = cosine_lr(step, config.steps, config.lr, config.lr_min, config.warmup_steps)
         set_lr(optimizer, lr)
