@@ -208,14 +208,6 @@ def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompt
     return text_encoder(input_ids=tokenize(tokenizer, prompts)).last_hidden_state
 
 
-def train_teacher(
-    train: ShapesDataset, text_states: torch.Tensor, null_state: torch.Tensor, config: TeacherTrainConfig
-) -> tuple[UNet2DConditionModel, dict]:
-    """The pixel-space teacher: :func:`train_denoiser` on the training images in [−1, 1]."""
-    unet_config = teacher_unet_config(config, train.images.shape[-1], text_states.shape[-1])
-    return train_denoiser(train.images_float(), text_states, null_state, config, unet_config)
-
-
 def train_denoiser(
     x0: torch.Tensor, text_states: torch.Tensor, null_state: torch.Tensor, config: TeacherTrainConfig,
     unet_config: dict,
@@ -257,24 +249,31 @@ def train_denoiser(
     return ema.eval(), log
 
 
+def unet_from_metadata(metadata: dict[str, str]) -> UNet2DConditionModel:
+    """The frozen, untrained ``UNet2DConditionModel`` a teacher checkpoint's ``model_config`` describes."""
+    return UNet2DConditionModel(**json.loads(metadata["model_config"])).requires_grad_(False)
+
+
+def training_text_states(clip: TrainedModel, split: ShapesDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """(captions' states (N, L, D), the empty prompt's (1, L, D)) from the frozen text tower of ``clip``."""
+    text_encoder = text_encoder_from_clip(clip.model)
+    return (encode_prompts(clip.tokenizer, text_encoder, split.captions),
+            encode_prompts(clip.tokenizer, text_encoder, [""]))
+
+
 def load_or_train_teacher(profile: Profile, clip: TrainedModel) -> TrainedModel:
     """The teacher of ``profile``: loaded from ``data/`` when cached, else trained on the frozen text tower of
     ``clip`` (:func:`load_or_train_tiny_clip`)."""
     key = {"clip": _clip_artifact_config(profile.world, profile.clip), "teacher": profile.teacher}
 
-    def build(metadata: dict[str, str]) -> UNet2DConditionModel:
-        return UNet2DConditionModel(**json.loads(metadata["model_config"])).requires_grad_(False)
-
     def train() -> tuple[UNet2DConditionModel, dict, dict[str, str]]:
-        text_encoder = text_encoder_from_clip(clip.model)
         split = make_split("train", profile.world)
-        states = encode_prompts(clip.tokenizer, text_encoder, split.captions)
-        null_state = encode_prompts(clip.tokenizer, text_encoder, [""])
-        unet, log = train_teacher(split, states, null_state, profile.teacher)
+        states, null_state = training_text_states(clip, split)
         unet_config = teacher_unet_config(profile.teacher, profile.world.resolution, states.shape[-1])
+        unet, log = train_denoiser(split.images_float(), states, null_state, profile.teacher, unet_config)
         return unet.requires_grad_(False), log, {"model_config": json.dumps(unet_config)}
 
-    return load_or_train("teacher_unet", key, build, train, config=profile.teacher)
+    return load_or_train("teacher_unet", key, unet_from_metadata, train, config=profile.teacher)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -22,11 +22,13 @@ from ..world import make_split
 from .tiny import (
     SD15_SCHEDULER_CONFIG,
     _clip_artifact_config,
-    encode_prompts,
     teacher_unet_config,
     text_encoder_from_clip,
     train_denoiser,
+    training_text_states,
+    unet_from_metadata,
 )
+from .tiny_vae import vae_artifact_config
 
 
 @torch.no_grad()
@@ -39,25 +41,19 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 5
 def load_or_train_latent_teacher(profile: Profile, clip: TrainedModel, vae: TrainedModel) -> TrainedModel:
     """The latent teacher of ``profile``: loaded from ``data/`` when cached, else trained on the VAE latents of the
     training split and the frozen text tower of ``clip``."""
-    key = {"clip": _clip_artifact_config(profile.world, profile.clip), "vae": {"world": profile.world,
-                                                                              "vae": profile.vae},
+    key = {"clip": _clip_artifact_config(profile.world, profile.clip), "vae": vae_artifact_config(profile),
            "teacher": profile.latent_teacher}
 
-    def build(metadata: dict[str, str]) -> UNet2DConditionModel:
-        return UNet2DConditionModel(**json.loads(metadata["model_config"])).requires_grad_(False)
-
     def train() -> tuple[UNet2DConditionModel, dict, dict[str, str]]:
-        text_encoder = text_encoder_from_clip(clip.model)
         split = make_split("train", profile.world)
-        states = encode_prompts(clip.tokenizer, text_encoder, split.captions)
-        null_state = encode_prompts(clip.tokenizer, text_encoder, [""])
+        states, null_state = training_text_states(clip, split)
         latents = encode_latents(vae.model, split.images_float())
         unet_config = teacher_unet_config(profile.latent_teacher, latents.shape[-1], states.shape[-1],
                                           channels=latents.shape[1])
         unet, log = train_denoiser(latents, states, null_state, profile.latent_teacher, unet_config)
         return unet.requires_grad_(False), log, {"model_config": json.dumps(unet_config)}
 
-    return load_or_train("latent_teacher", key, build, train, config=profile.latent_teacher,
+    return load_or_train("latent_teacher", key, unet_from_metadata, train, config=profile.latent_teacher,
                          label="latent teacher")
 
 

@@ -86,9 +86,14 @@ def train_tiny_vae(train: ShapesDataset, config: VAETrainConfig) -> tuple[Autoen
     return vae.requires_grad_(False), log
 
 
+def vae_artifact_config(profile: Profile) -> dict:
+    """What determines the tiny VAE of ``profile`` (its artifact key; a latent teacher's key includes it)."""
+    return {"world": profile.world, "vae": profile.vae}
+
+
 def load_or_train_tiny_vae(profile: Profile) -> TrainedModel:
     """The tiny VAE of ``profile``: loaded from ``data/`` when cached, else trained on the training split."""
-    key = {"world": profile.world, "vae": profile.vae}
+    key = vae_artifact_config(profile)
 
     def build(metadata: dict[str, str]) -> AutoencoderKL:
         return AutoencoderKL.from_config(json.loads(metadata["model_config"])).requires_grad_(False)
