@@ -251,3 +251,14 @@ def test_official_recipes():
     assert (pixart.student_rank, pixart.mixed_precision, pixart.one_step_alpha_bar) == (128, "bf16", 0.0047)
     with pytest.raises(ValueError, match="no official recipe"):
         VSDConfig.official("sd3")
+
+
+def test_load_denoiser_of_an_uncached_hub_id_offline_says_so(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from wadi_core.backbones.denoisers import load_denoiser
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    with pytest.raises(PipelineLoadError, match="tianweiy/DMD2 is not in the local model-hub cache"):
+        load_denoiser("tianweiy/DMD2")

@@ -214,13 +214,29 @@ def _read_model_index(source: str | Path) -> dict:
             raise PipelineLoadError(f"{folder} has no model_index.json: not a diffusers pipeline folder "
                                     "(save one with pipeline.save_pretrained(folder))")
         return json.loads(path.read_text())
+    return hub_json(str(source), "model_index.json")
+
+
+def hub_json(repo_id: str, filename: str, missing_ok: bool = False) -> dict | None:
+    """A JSON file of a hub repository (the local cache only when ``HF_HUB_OFFLINE=1``); None for a file the
+    repository does not have when ``missing_ok``.
+
+    Raises:
+        PipelineLoadError: the repository is not cached while offline, unreachable, or unknown.
+    """
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
-        return json.loads(Path(hf_hub_download(str(source), "model_index.json", local_files_only=hub_offline()))
-                          .read_text())
+        return json.loads(Path(hf_hub_download(repo_id, filename, local_files_only=hub_offline())).read_text())
+    except LocalEntryNotFoundError as err:  # a subclass of EntryNotFoundError: not cached, not "not there"
+        raise PipelineLoadError(_hub_error(repo_id, err)) from err
+    except EntryNotFoundError:
+        if missing_ok:
+            return None
+        raise PipelineLoadError(f"{repo_id} has no {filename}") from None
     except Exception as err:  # huggingface_hub raises OSError subclasses and its own errors
-        raise PipelineLoadError(_hub_error(str(source), err)) from err
+        raise PipelineLoadError(_hub_error(repo_id, err)) from err
 
 
 def _hub_error(repo_id: str, err: Exception) -> str:
@@ -239,13 +255,15 @@ def _component_class(model_index: dict, name: str, source: str | Path) -> type:
     return getattr(importlib.import_module(library), class_name)
 
 
-def _load_component(cls: type, source: str | Path, name: str, dtype: torch.dtype | None) -> Any:
+def _load_component(cls: type, source: str | Path, name: str | None, dtype: torch.dtype | None) -> Any:
+    """``cls.from_pretrained(source, subfolder=name)`` (``name`` None: the model at ``source`` itself), offline
+    when ``HF_HUB_OFFLINE=1``; every failure a :class:`PipelineLoadError` naming the component."""
     kwargs: dict[str, Any] = {"subfolder": name}
     if not Path(source).is_dir():
         kwargs["local_files_only"] = hub_offline()
     if dtype is not None and issubclass(cls, nn.Module):
         kwargs["dtype"] = dtype
-    if Path(source).is_dir() and not (Path(source) / name).is_dir():
+    if Path(source).is_dir() and name is not None and not (Path(source) / name).is_dir():
         raise PipelineLoadError(f"{source}: the {name!r} component's folder {Path(source) / name} is missing")
     try:
         return cls.from_pretrained(str(source), **kwargs)

@@ -16,21 +16,9 @@ import diffusers
 from safetensors.torch import load_file
 from torch import nn
 
-from .backbone import PipelineLoadError, _hub_error, hub_offline
+from .backbone import PipelineLoadError, _load_component, hub_json
 
 DENOISER_FOLDERS = ("unet", "transformer")
-
-
-def _hub_json(repo_id: str, filename: str) -> dict | None:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        return json.loads(Path(hf_hub_download(repo_id, filename, local_files_only=hub_offline())).read_text())
-    except EntryNotFoundError:
-        return None
-    except Exception as err:  # not cached while offline, no network, unknown repository
-        raise PipelineLoadError(_hub_error(repo_id, err)) from err
 
 
 def _model_class(config: dict, where: str) -> type:
@@ -43,13 +31,7 @@ def _model_class(config: dict, where: str) -> type:
 
 
 def _from_pretrained(source: str, subfolder: str | None, config: dict) -> nn.Module:
-    cls = _model_class(config, f"{source}/{subfolder or ''}")
-    kwargs = {} if Path(source).is_dir() else {"local_files_only": hub_offline()}
-    try:
-        return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
-    except OSError as err:
-        raise PipelineLoadError(_hub_error(source, err) if not Path(source).is_dir() else
-                                f"{source}: cannot load the denoiser ({err})") from err
+    return _load_component(_model_class(config, f"{source}/{subfolder or ''}"), source, subfolder, None)
 
 
 def load_denoiser(source: str | Path, like: nn.Module | None = None) -> nn.Module:
@@ -73,7 +55,7 @@ def load_denoiser(source: str | Path, like: nn.Module | None = None) -> nn.Modul
         return load_backbone(source).denoiser
     if source in PAPER_BACKBONES:
         spec = PAPER_BACKBONES[source]
-        config = _hub_json(spec.hub_id, f"{spec.subfolder}/config.json") or {}
+        config = hub_json(spec.hub_id, f"{spec.subfolder}/config.json")
         return _frozen(_from_pretrained(spec.hub_id, spec.subfolder, config))
     if source.startswith("smoke-") and source[len("smoke-"):] in SMOKE_KINDS:
         return load_denoiser(smoke_pipeline(source[len("smoke-"):]))
@@ -92,13 +74,13 @@ def load_denoiser(source: str | Path, like: nn.Module | None = None) -> nn.Modul
     if path.exists() or source.startswith((".", "/")) or source.count("/") != 1:
         raise PipelineLoadError(f"{source}: no denoiser there (expected a backbone name, a folder, a hub id "
                                 "owner/name or a .safetensors file)")
-    index = _hub_json(source, "model_index.json")
+    index = hub_json(source, "model_index.json", missing_ok=True)
     if index is not None:
         folder = next((f for f in DENOISER_FOLDERS if f in index), None)
         if folder is None:
             raise PipelineLoadError(f"{source}: its model_index.json has no unet or transformer")
-        return _frozen(_from_pretrained(source, folder, _hub_json(source, f"{folder}/config.json") or {}))
-    return _frozen(_from_pretrained(source, None, _hub_json(source, "config.json") or {}))
+        return _frozen(_from_pretrained(source, folder, hub_json(source, f"{folder}/config.json")))
+    return _frozen(_from_pretrained(source, None, hub_json(source, "config.json")))
 
 
 def _frozen(model: nn.Module) -> nn.Module:
