@@ -8,21 +8,15 @@ from diffusers import StableDiffusionPipeline
 from wadi_core.backbones import load_backbone, load_or_train_tiny_clip
 from wadi_core.backbones.tiny_sd import encode_latents, load_or_train_latent_teacher, save_tiny_sd_pipeline
 from wadi_core.backbones.tiny_vae import load_or_train_tiny_vae
-from wadi_core.profiles import get_profile
 
 
 @pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("WADI_DATA_DIR", str(tmp_path_factory.mktemp("data")))
-        mp.delenv("WADI_FRESH", raising=False)
-        mp.delenv("WADI_NO_TRAIN", raising=False)
-        profile = get_profile("smoke")
-        clip = load_or_train_tiny_clip(profile)
-        vae = load_or_train_tiny_vae(profile)
-        teacher = load_or_train_latent_teacher(profile, clip, vae)
+def tiny_sd(smoke_profile, tmp_path_factory):
+    clip = load_or_train_tiny_clip(smoke_profile)
+    vae = load_or_train_tiny_vae(smoke_profile)
+    teacher = load_or_train_latent_teacher(smoke_profile, clip, vae)
     folder = save_tiny_sd_pipeline(tmp_path_factory.mktemp("pipe") / "tiny-sd", clip, vae.model, teacher.model)
-    return profile, clip, vae, teacher, folder
+    return smoke_profile, clip, vae, teacher, folder
 
 
 def test_latent_teacher_has_sd15s_attention_pattern(tiny_sd):

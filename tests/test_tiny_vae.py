@@ -5,19 +5,11 @@ import pytest
 import torch
 
 from wadi_core.backbones.tiny_vae import latent_scaling_factor, load_or_train_tiny_vae, reconstruct, vae_config
-from wadi_core.profiles import get_profile
 
 
 @pytest.fixture(scope="module")
-def smoke_vae(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("WADI_DATA_DIR", str(tmp_path_factory.mktemp("data")))
-        mp.delenv("WADI_FRESH", raising=False)
-        mp.delenv("WADI_NO_TRAIN", raising=False)
-        profile = get_profile("smoke")
-        first = load_or_train_tiny_vae(profile)
-        again = load_or_train_tiny_vae(profile)
-    return profile, first, again
+def smoke_vae(smoke_profile):
+    return smoke_profile, load_or_train_tiny_vae(smoke_profile), load_or_train_tiny_vae(smoke_profile)
 
 
 def test_latents_are_four_channels_at_half_the_side(smoke_vae):
