@@ -258,10 +258,10 @@ def _written_this_run(path: Path) -> bool:
     return bool(since) and path.stat().st_mtime >= float(since)
 
 
-def cached(kind: str, config: Any) -> Path | None:
+def cached(kind: str, config: Any, suffix: str = ".safetensors") -> Path | None:
     """Path of a usable cached artifact, or None when it is absent or older than this run under
     ``WADI_FRESH=1`` (a fresh run retrains each artifact once, then reuses what it trained)."""
-    path = artifact_path(kind, config)
+    path = artifact_path(kind, config, suffix)
     if not path.exists() or (fresh_requested() and not _written_this_run(path)):
         return None
     return path
@@ -272,6 +272,32 @@ def training_allowed(kind: str, path: Path) -> None:
     if os.environ.get("WADI_NO_TRAIN", "0") not in ("", "0", "false", "False"):
         raise ArtifactError(f"{kind} is not cached at {path} and WADI_NO_TRAIN=1 forbids training it; "
                             + _rerun_hint(path))
+
+
+def load_or_compute_record(kind: str, key: Any, compute: Callable[[], dict], label: str = "") -> dict:
+    """A small JSON result (e.g. the scores of a student that is not bundled) cached as
+    ``<data dir>/<kind>-<config_hash(key)>.json``: read when cached, else computed, written atomically and recorded
+    in SHA256SUMS. ``WADI_FRESH`` and ``WADI_NO_TRAIN`` act on it as on a trained model.
+
+    Raises:
+        ArtifactError: not cached while ``WADI_NO_TRAIN=1``, or the file is damaged or from another key.
+    """
+    path = cached(kind, key, ".json")
+    if path is not None:
+        verify_checksum(path)
+        stored = json.loads(path.read_text())
+        if stored.get("config_hash") != config_hash(key):
+            raise ArtifactError(f"{path} was computed for another key; {_rerun_hint(path)}")
+        return stored["record"]
+    path = artifact_path(kind, key, ".json")
+    training_allowed(label or kind, path)
+    record = compute()
+    text = json.dumps({"config": json.loads(canonical_json(key)), "config_hash": config_hash(key), "record": record},
+                      indent=1, sort_keys=True)
+    atomic_write_text(path, text + "\n")
+    record_checksum(path)
+    _WRITTEN_THIS_PROCESS.add(path.resolve())
+    return record
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -159,6 +159,11 @@ class DistillConfig:
         ("lorad", 1e-3), ("full", 1e-5), ("lora", 1e-3), ("dora", 1e-3), ("dora_frozen_norm", 1e-3),
     )
     fake_lr: float = 1e-2
+    # The fair comparison: every student method's lr from one sweep at one short budget, chosen by FID; the
+    # final rows and both ablations then run at `seeds` (mean ± spread; wadi_core.distill.studies).
+    lr_sweep: tuple[float, ...] = (1e-5, 1e-4, 3e-4, 1e-3)
+    lr_sweep_steps: int = 200
+    seeds: tuple[int, ...] = (6, 7, 8)
     guidance_scale: float = 1.5  # the paper's; the tiny teacher is accurate from CFG 1.5 on (notebook 00)
     batch_size: int = 16  # paper: 128
     steps: int = 1000  # generator steps (paper: 22.2k); ≈ 15 CPU-minutes per student on one thread
@@ -240,7 +245,7 @@ def _smoke(name: str = "smoke", backbone: str = "tiny-smoke") -> Profile:
         adapters=AdapterStudyConfig(ranks=(1, 2), fit_steps=3, bench_quick=True, bench_repeats=1),
         distill=DistillConfig(student_rank=2, baseline_rank=2, fake_rank=1, rank_ablation=(1, 2), batch_size=4,
                               steps=3, fake_warmup_steps=1, checkpoint_every=2, deviation_steps=2,
-                              eval_prompts=160),
+                              lr_sweep=(1e-4, 1e-3), lr_sweep_steps=2, seeds=(6, 7), eval_prompts=160),
     )
 
 
@@ -255,6 +260,7 @@ def _paper() -> Profile:
         distill=DistillConfig(  # the official recipe (train_dkd_sd1.5.sh), no tiny-world deviations
             student_rank=256, baseline_rank=256, fake_rank=32, rank_ablation=(64, 128, 256, 512),
             student_lrs=tuple((m, 1e-4) for m in ("lorad", "full", "lora", "dora", "dora_frozen_norm")),
+            lr_sweep=(1e-4,), lr_sweep_steps=2_000, seeds=(0,),
             batch_size=128, steps=22_200, fake_warmup_steps=0, fake_updates_per_step=1, checkpoint_every=500,
             eval_prompts=30_000,
         ),

@@ -1,5 +1,6 @@
 """One-step VSD distillation (WaDi §3.3): the objective as pure functions (:mod:`.losses`), the run configuration
-(:mod:`.config`), the loop and its pieces (:mod:`.vsd`) and the cached tiny-world students (:mod:`.students`)."""
+(:mod:`.config`), the loop and its pieces (:mod:`.vsd`), the cached tiny-world students (:mod:`.students`) and the
+fair comparison of methods: one lr sweep for all, several seeds (:mod:`.studies`)."""
 
 from ..diffusion import one_step_x0
 from .config import MIXED_PRECISION, VSDConfig
@@ -54,3 +55,7 @@ from .students import (  # noqa: E402
 
 __all__ += ["STUDENT_METHODS", "deviation_study", "distill", "export_student", "load_or_train_student",
             "one_step_generate", "one_step_scheduler_config", "prompt_embeddings", "student_config"]
+
+from .studies import best_lrs, beyond_spread, lr_sweep, seed_summary, sweep_config, sweep_point  # noqa: E402
+
+__all__ += ["beyond_spread", "best_lrs", "lr_sweep", "seed_summary", "sweep_config", "sweep_point"]

@@ -1,0 +1,77 @@
+"""The fair comparison of notebook 03: one lr sweep for every student method (scores cached as JSON records),
+each method's best lr, and per-seed summaries whose claims hold only beyond the spread."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from wadi_core.artifacts import ArtifactError, load_or_compute_record
+from wadi_core.backbones import load_backbone
+from wadi_core.distill import best_lrs, beyond_spread, lr_sweep, seed_summary, sweep_config
+
+
+def test_record_is_computed_once_then_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("WADI_DATA_DIR", str(tmp_path))
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"FID": 12.5}
+
+    assert load_or_compute_record("scores", {"a": 1}, compute) == {"FID": 12.5}
+    assert load_or_compute_record("scores", {"a": 1}, compute) == {"FID": 12.5}
+    assert len(calls) == 1
+    assert load_or_compute_record("scores", {"a": 2}, compute) == {"FID": 12.5} and len(calls) == 2
+    monkeypatch.setenv("WADI_NO_TRAIN", "1")
+    with pytest.raises(ArtifactError, match="WADI_NO_TRAIN"):
+        load_or_compute_record("scores", {"a": 3}, compute)
+
+
+def test_damaged_record_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WADI_DATA_DIR", str(tmp_path))
+    load_or_compute_record("scores", {"a": 1}, lambda: {"FID": 1.0})
+    (path,) = tmp_path.glob("scores-*.json")
+    stored = json.loads(path.read_text())
+    stored["record"]["FID"] = 0.5
+    path.write_text(json.dumps(stored))
+    with pytest.raises(ArtifactError, match="SHA-256"):
+        load_or_compute_record("scores", {"a": 1}, lambda: {"FID": 1.0})
+
+
+def test_sweep_config_sets_lr_and_budget(smoke_profile):
+    config = sweep_config(smoke_profile, "full", 3e-4)
+    assert config.student_lr == 3e-4 and config.steps == smoke_profile.distill.lr_sweep_steps
+    assert config.student_method == "full"
+
+
+def test_lr_sweep_trains_each_point_once(smoke_profile):
+    backbone = load_backbone(smoke_profile.backbone)
+    seen = []
+
+    def score(student):
+        seen.append(student)
+        return {"FID": float(len(seen))}
+
+    sweep = lr_sweep(smoke_profile, backbone, score, {"scorer": "count"}, methods=("lorad",), progress=False)
+    assert list(sweep["lr"]) == list(smoke_profile.distill.lr_sweep) and list(sweep["FID"]) == [1.0, 2.0]
+    again = lr_sweep(smoke_profile, backbone, score, {"scorer": "count"}, methods=("lorad",), progress=False)
+    pd.testing.assert_frame_equal(sweep, again)
+    assert len(seen) == 2  # the second sweep read the cached records
+    assert best_lrs(sweep) == {"lorad": smoke_profile.distill.lr_sweep[0]}
+
+
+def test_best_lrs_picks_lowest_fid_per_method():
+    sweep = pd.DataFrame({"method": ["a", "a", "b", "b"], "lr": [1e-4, 1e-3, 1e-4, 1e-3], "FID": [5, 3, 2, 2]})
+    assert best_lrs(sweep) == {"a": 1e-3, "b": 1e-4}
+
+
+def test_seed_summary_and_spread():
+    runs = pd.DataFrame({"method": ["x"] * 3 + ["y"] * 3 + ["z"] * 3,
+                         "FID": [10.0, 11.0, 12.0, 20.0, 21.0, 22.0, 11.5, 12.5, 13.5]})
+    summary = seed_summary(runs, "method", ["FID"])
+    assert summary.loc["x", "FID"] == pytest.approx(11.0) and summary.loc["x", "FID ±"] == pytest.approx(1.0)
+    assert summary.loc["x", "seeds"] == 3
+    assert beyond_spread(summary, "x", "y")  # 10 apart, spreads 1 + 1
+    assert not beyond_spread(summary, "x", "z")  # 1.5 apart < 2
+    assert not beyond_spread(summary, "y", "x")  # worse, not better

@@ -1,0 +1,89 @@
+"""Notebook 03's fair comparison of students (WaDi Table 1 and the ablations of §4.3): every method's learning rate
+from one sweep at one short budget, and every reported row over several seeds.
+
+The paper trains every student at lr 1e-4. A miniature cannot assume that one value suits LoRaD, LoRA, DoRA and a
+full fine-tune alike, so :func:`lr_sweep` distils each method at every lr of ``DistillConfig.lr_sweep`` for
+``lr_sweep_steps`` generator steps and :func:`best_lrs` picks each method's lr by FID. Sweep students are not
+bundled: only their scores are, as small JSON records (:func:`~wadi_core.artifacts.load_or_compute_record`).
+:func:`seed_summary` and :func:`beyond_spread` turn per-seed scores into mean ± spread and into claims that hold
+only where a difference exceeds the spread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pandas as pd
+from torch import nn
+from tqdm import tqdm
+
+from ..artifacts import artifact_path, cache_dir, load_or_compute_record
+from ..profiles import Profile
+from ..world import make_split
+from .config import VSDConfig
+from .students import STUDENT_KIND, STUDENT_METHODS, _artifact_key, distill, student_config
+
+SWEEP_KIND = "sweep_scores"
+
+Scorer = Callable[[nn.Module], dict[str, float]]
+
+
+def sweep_config(profile: Profile, method: str, lr: float, **overrides) -> VSDConfig:
+    """The recipe of one sweep point: the method's student recipe at ``lr`` for ``lr_sweep_steps`` steps."""
+    return student_config(profile.distill, method, student_lr=lr, steps=profile.distill.lr_sweep_steps, **overrides)
+
+
+def sweep_point(profile: Profile, backbone, method: str, lr: float, score: Scorer, score_key: dict,
+                progress: bool = False, **overrides) -> dict[str, float]:
+    """Scores of the ``method`` student distilled at ``lr`` (:func:`sweep_config`), cached by the student's
+    artifact key and ``score_key`` (what determines ``score``: prompts, seed, feature network)."""
+    config = sweep_config(profile, method, lr, **overrides)
+    prompts = sorted(set(make_split("train", profile.world).captions))
+    student_key = _artifact_key(backbone, prompts, config)
+
+    def compute() -> dict[str, float]:
+        run_dir = cache_dir() / "vsd" / artifact_path(STUDENT_KIND, student_key).stem
+        result = distill(backbone, prompts, config, run_dir, progress=progress)
+        student = result.ema_student or result.student
+        return {name: float(value) for name, value in score(student.eval()).items()}
+
+    return load_or_compute_record(SWEEP_KIND, {"student": student_key, "score": score_key}, compute,
+                                  label=f"{method} lr-sweep student (lr {lr:g})")
+
+
+def lr_sweep(profile: Profile, backbone, score: Scorer, score_key: dict,
+             methods: Sequence[str] = STUDENT_METHODS, progress: bool = True) -> pd.DataFrame:
+    """One row per (method, lr) of ``DistillConfig.lr_sweep``: the scores of :func:`sweep_point`."""
+    grid = [(method, lr) for method in methods for lr in profile.distill.lr_sweep]
+    rows = []
+    for method, lr in tqdm(grid, desc="lr sweep", disable=not progress):
+        rows.append({"method": method, "lr": lr, **sweep_point(profile, backbone, method, lr, score, score_key)})
+    return pd.DataFrame(rows)
+
+
+def best_lrs(sweep: pd.DataFrame, metric: str = "FID") -> dict[str, float]:
+    """Each method's lr with the lowest ``metric`` in a :func:`lr_sweep` table (ties: the smaller lr)."""
+    ranked = sweep.sort_values([metric, "lr"])
+    return {method: float(ranked.loc[ranked["method"] == method, "lr"].iloc[0])
+            for method in dict.fromkeys(sweep["method"])}
+
+
+def seed_summary(runs: pd.DataFrame, by: str | Sequence[str], metrics: Sequence[str]) -> pd.DataFrame:
+    """Mean, spread (sample standard deviation over seeds) and seed count of ``metrics`` per ``by`` group of a
+    table with one row per (group, seed): columns ``<metric>`` (the mean), ``<metric> ±`` and ``seeds``."""
+    grouped = runs.groupby(by, sort=False)
+    summary = grouped[list(metrics)].mean()
+    spread = grouped[list(metrics)].std(ddof=1).fillna(0.0)
+    for metric in metrics:
+        summary[f"{metric} ±"] = spread[metric]
+    summary["seeds"] = grouped.size()
+    return summary[[c for metric in metrics for c in (metric, f"{metric} ±")] + ["seeds"]]
+
+
+def beyond_spread(summary: pd.DataFrame, better: str, worse: str, metric: str = "FID",
+                  lower_is_better: bool = True) -> bool:
+    """True when group ``better`` beats ``worse`` on ``metric`` by more than the two spreads together
+    (means ± one standard deviation over seeds do not overlap): a claim printed as holding needs this."""
+    a, b = summary.loc[better], summary.loc[worse]
+    gap = (b[metric] - a[metric]) if lower_is_better else (a[metric] - b[metric])
+    return bool(gap > a[f"{metric} ±"] + b[f"{metric} ±"])
