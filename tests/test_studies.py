@@ -5,10 +5,19 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from wadi_core.artifacts import ArtifactError, load_or_compute_record
 from wadi_core.backbones import load_backbone
-from wadi_core.distill import best_lrs, beyond_spread, lr_sweep, seed_summary, sweep_config
+from wadi_core.distill import (
+    best_lrs,
+    beyond_spread,
+    load_or_train_student,
+    lr_sweep,
+    seed_runs,
+    seed_summary,
+    sweep_config,
+)
 
 
 def test_record_is_computed_once_then_read(tmp_path, monkeypatch):
@@ -75,3 +84,21 @@ def test_seed_summary_and_spread():
     assert beyond_spread(summary, "x", "y")  # 10 apart, spreads 1 + 1
     assert not beyond_spread(summary, "x", "z")  # 1.5 apart < 2
     assert not beyond_spread(summary, "y", "x")  # worse, not better
+
+
+def test_seed_runs_score_each_seed_and_bundle_the_profiles_own(smoke_profile):
+    backbone = load_backbone(smoke_profile.backbone)
+    firsts = []
+
+    def score(student):
+        firsts.append(next(p for p in student.parameters() if p.requires_grad).detach().clone())
+        return {"FID": float(len(firsts))}
+
+    runs = seed_runs(smoke_profile, backbone, "lorad", score, {"scorer": "seeds"}, progress=False)
+    assert list(runs["seed"]) == list(smoke_profile.distill.seeds) and list(runs["FID"]) == [1.0, 2.0]
+    assert not torch.equal(firsts[0], firsts[1])  # another seed trains another student
+    bundled = load_or_train_student(smoke_profile, backbone, "lorad")
+    assert not bundled.trained  # the profile's seed was trained as the bundled student
+    again = seed_runs(smoke_profile, backbone, "lorad", score, {"scorer": "seeds"}, progress=False)
+    pd.testing.assert_frame_equal(runs, again)
+    assert len(firsts) == 2

@@ -56,6 +56,14 @@ from .students import (  # noqa: E402
 __all__ += ["STUDENT_METHODS", "deviation_study", "distill", "export_student", "load_or_train_student",
             "one_step_generate", "one_step_scheduler_config", "prompt_embeddings", "student_config"]
 
-from .studies import best_lrs, beyond_spread, lr_sweep, seed_summary, sweep_config, sweep_point  # noqa: E402
+from .studies import (  # noqa: E402
+    best_lrs,
+    beyond_spread,
+    lr_sweep,
+    seed_runs,
+    seed_summary,
+    sweep_config,
+    sweep_point,
+)
 
-__all__ += ["beyond_spread", "best_lrs", "lr_sweep", "seed_summary", "sweep_config", "sweep_point"]
+__all__ += ["beyond_spread", "best_lrs", "lr_sweep", "seed_runs", "seed_summary", "sweep_config", "sweep_point"]

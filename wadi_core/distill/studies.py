@@ -21,9 +21,10 @@ from ..artifacts import artifact_path, cache_dir, load_or_compute_record
 from ..profiles import Profile
 from ..world import make_split
 from .config import VSDConfig
-from .students import STUDENT_KIND, STUDENT_METHODS, _artifact_key, distill, student_config
+from .students import STUDENT_KIND, STUDENT_METHODS, _artifact_key, distill, load_or_train_student, student_config
 
 SWEEP_KIND = "sweep_scores"
+SEED_KIND = "seed_scores"
 
 Scorer = Callable[[nn.Module], dict[str, float]]
 
@@ -58,6 +59,32 @@ def lr_sweep(profile: Profile, backbone, score: Scorer, score_key: dict,
     rows = []
     for method, lr in tqdm(grid, desc="lr sweep", disable=not progress):
         rows.append({"method": method, "lr": lr, **sweep_point(profile, backbone, method, lr, score, score_key)})
+    return pd.DataFrame(rows)
+
+
+def seed_runs(profile: Profile, backbone, method: str, score: Scorer, score_key: dict, rank: int | None = None,
+              progress: bool = True, **overrides) -> pd.DataFrame:
+    """One row per seed of ``DistillConfig.seeds``: the scores of the ``method`` student (optionally ``rank``
+    and recipe ``overrides``, e.g. its best ``student_lr``) trained with that seed. The profile's own seed is the
+    bundled student (:func:`~.students.load_or_train_student`); the other seeds are scored and kept as records."""
+    rows = []
+    for seed in tqdm(profile.distill.seeds, desc=f"{method} seeds", disable=not progress):
+        config = student_config(profile.distill, method, rank, **{**overrides, "seed": seed})
+        prompts = sorted(set(make_split("train", profile.world).captions))
+        student_key = _artifact_key(backbone, prompts, config)
+
+        def compute(seed: int = seed, config: VSDConfig = config, student_key: dict = student_key) -> dict:
+            if seed == profile.distill.seed:
+                student = load_or_train_student(profile, backbone, method, rank, **overrides).model
+            else:
+                run_dir = cache_dir() / "vsd" / artifact_path(STUDENT_KIND, student_key).stem
+                result = distill(backbone, prompts, config, run_dir, progress=False)
+                student = result.ema_student or result.student
+            return {name: float(value) for name, value in score(student.eval()).items()}
+
+        record = load_or_compute_record(SEED_KIND, {"student": student_key, "score": score_key}, compute,
+                                        label=f"{method} student (seed {seed})")
+        rows.append({"method": method, "rank": config.student_rank, "seed": seed, **record})
     return pd.DataFrame(rows)
 
 
