@@ -8,7 +8,8 @@ cache-or-train path behind every ``load_or_train_*``.
 
 ``SHA256SUMS`` (``sha256sum`` format) beside the artifacts lists the SHA-256 of each file: a listed file whose
 bytes differ (a damaged download) is refused before it is loaded, and :func:`save_checkpoint` records every file
-it writes in the ``SHA256SUMS`` of the directory it writes to.
+it writes in the ``SHA256SUMS`` of the directory it writes to. A folder built from artifacts (the latent tiny SD
+pipeline) is listed file by file as ``<folder>/<relative path>`` (:func:`record_folder_checksums`).
 
 Environment switches (set by ``make``/``python -m wadi_core.reproduce``):
 
@@ -28,6 +29,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,7 +44,8 @@ from safetensors.torch import load_file, safe_open, save_file
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHECKSUMS = "SHA256SUMS"  # ``sha256sum`` listing of the artifacts, one per data directory
 # The notebook that trains each kind of artifact (what a rebuild hint names).
-BUILT_BY = {"tiny_clip": "00", "teacher_unet": "00", "feature_net": "00", "student": "03"}
+BUILT_BY = {"tiny_clip": "00", "teacher_unet": "00", "feature_net": "00", "tiny_vae": "00", "latent_teacher": "00",
+            "student": "03"}
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 _WRITTEN_THIS_PROCESS: set[Path] = set()  # with WADI_FRESH=1, artifacts retrained by this run are reused
@@ -133,6 +136,32 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+@contextmanager
+def atomic_folder(folder: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``folder``; only if the block succeeds, it replaces ``folder``.
+
+    An earlier ``folder`` is first renamed aside, then the new one renamed into place: an interruption leaves the
+    old folder, no folder, or the new one, never a half-written one. The folder counts as written by this run
+    (:func:`outdated_by_fresh`).
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-", suffix=".tmp"))
+    old = None
+    try:
+        yield staging
+        os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-", suffix=".old"))
+            os.replace(folder, old)  # onto an empty folder: allowed
+        os.rename(staging, folder)
+        _WRITTEN_THIS_PROCESS.add(folder.resolve())
+    finally:
+        for leftover in (staging, old):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # SHA256SUMS
 # --------------------------------------------------------------------------------------------------------------
@@ -167,14 +196,45 @@ def _stamp(path: Path) -> tuple[int, int]:
     return stat.st_size, stat.st_mtime_ns
 
 
+def _update_checksums(folder: Path, digests: dict[str, str], replace_prefix: str | None = None) -> None:
+    """Merge ``{name: SHA-256}`` into ``folder/SHA256SUMS`` (dropping the entries under ``replace_prefix`` first),
+    atomically and under the folder's lock."""
+    with _locked(folder):
+        sums = {name: digest for name, digest in read_checksums(folder).items()
+                if replace_prefix is None or not name.startswith(replace_prefix)}
+        sums.update(digests)
+        atomic_write_text(folder / CHECKSUMS, "".join(f"{sums[name]}  {name}\n" for name in sorted(sums)))
+
+
 def record_checksum(path: Path) -> None:
     """Write ``path``'s SHA-256 into the SHA256SUMS of its directory (created if needed), atomically."""
     path = Path(path)
-    digest = file_sha256(path)
-    with _locked(path.parent):
-        sums = {**read_checksums(path.parent), path.name: digest}
-        atomic_write_text(path.parent / CHECKSUMS, "".join(f"{sums[name]}  {name}\n" for name in sorted(sums)))
+    _update_checksums(path.parent, {path.name: file_sha256(path)})
     _VERIFIED[path.resolve()] = _stamp(path)
+
+
+def _folder_files(folder: Path) -> dict[str, Path]:
+    """``{"<folder name>/<relative path>": file}`` of every file under ``folder`` (hidden ones left out)."""
+    return {f"{folder.name}/{path.relative_to(folder).as_posix()}": path for path in sorted(folder.rglob("*"))
+            if path.is_file() and not path.name.startswith(".")}
+
+
+def record_folder_checksums(folder: Path) -> None:
+    """List every file under ``folder`` in the SHA256SUMS of its parent as ``<folder name>/<relative path>`` (as
+    ``sha256sum`` run in the parent prints them), replacing the folder's earlier entries."""
+    folder = Path(folder)
+    digests = {name: file_sha256(path) for name, path in _folder_files(folder).items()}
+    _update_checksums(folder.parent, digests, replace_prefix=f"{folder.name}/")
+
+
+def folder_matches_checksums(folder: Path) -> bool:
+    """True when the SHA256SUMS of ``folder``'s parent lists exactly the files under ``folder``, with their bytes
+    (what :func:`record_folder_checksums` wrote)."""
+    folder = Path(folder)
+    prefix = f"{folder.name}/"
+    listed = {name: digest for name, digest in read_checksums(folder.parent).items() if name.startswith(prefix)}
+    files = _folder_files(folder)
+    return bool(listed) and set(listed) == set(files) and all(file_sha256(files[n]) == d for n, d in listed.items())
 
 
 def verify_checksum(path: Path) -> None:
@@ -258,11 +318,16 @@ def _written_this_run(path: Path) -> bool:
     return bool(since) and path.stat().st_mtime >= float(since)
 
 
+def outdated_by_fresh(path: Path) -> bool:
+    """True under ``WADI_FRESH=1`` for a file or folder this run has not written yet (a fresh run derives each
+    artifact once, then reuses what it wrote)."""
+    return fresh_requested() and not _written_this_run(Path(path))
+
+
 def cached(kind: str, config: Any, suffix: str = ".safetensors") -> Path | None:
-    """Path of a usable cached artifact, or None when it is absent or older than this run under
-    ``WADI_FRESH=1`` (a fresh run retrains each artifact once, then reuses what it trained)."""
+    """Path of a usable cached artifact, or None when it is absent or :func:`outdated_by_fresh`."""
     path = artifact_path(kind, config, suffix)
-    if not path.exists() or (fresh_requested() and not _written_this_run(path)):
+    if not path.exists() or outdated_by_fresh(path):
         return None
     return path
 
@@ -357,18 +422,24 @@ def checkpoint_tensors(model: torch.nn.Module, trainable_only: bool = False) -> 
 
 def load_weights_strict(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path,
                         trainable_only: bool = False) -> None:
-    """Copy ``weights`` into ``model``; every tensor of :func:`checkpoint_tensors` must be there, with its shape."""
+    """Copy ``weights`` into ``model``; every tensor of :func:`checkpoint_tensors` must be there, with its shape.
+
+    Raises:
+        ArtifactError: tensors missing, unexpected or of another shape (e.g. a pixel-space student's 3-channel
+            ``conv_in`` for a latent model's 4), counted, with the first of each, the file and how to rebuild it.
+    """
+    targets = checkpoint_tensors(model, trainable_only)
+    missing, unexpected = sorted(set(targets) - set(weights)), sorted(set(weights) - set(targets))
+    reshaped = [f"{name} {tuple(weights[name].shape)} for {tuple(targets[name].shape)}"
+                for name in sorted(set(targets) & set(weights)) if targets[name].shape != weights[name].shape]
+    if missing or unexpected or reshaped:
+        found = ", ".join(f"{len(names)} {what} (e.g. {names[0]})" for what, names in
+                          (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)) if names)
+        raise ArtifactError(f"{path}: the stored parameters do not match the model its config builds: {found}; "
+                            f"{_rerun_hint(path)}")
     if not trainable_only:
-        try:
-            model.load_state_dict(weights, strict=True)
-        except RuntimeError as err:
-            raise ArtifactError(f"{path} does not match its model config ({err}); {_rerun_hint(path)}") from err
+        model.load_state_dict(weights, strict=True)
         return
-    targets = checkpoint_tensors(model, trainable_only=True)
-    wrong = sorted(set(targets) ^ set(weights)) or sorted(n for n in targets if targets[n].shape != weights[n].shape)
-    if wrong:
-        raise ArtifactError(f"{path}: the stored parameters do not match the model its config builds "
-                            f"({len(wrong)} differ, e.g. {wrong[0]!r}); {_rerun_hint(path)}")
     with torch.no_grad():
         for name, target in targets.items():
             target.copy_(weights[name])
