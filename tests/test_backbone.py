@@ -153,7 +153,7 @@ def sd15_copy(tmp_path):
 
 
 def test_unknown_name_lists_the_choices():
-    with pytest.raises(ValueError, match="unknown backbone 'sd3'.*tiny, tiny-smoke, sd15, sd21-base"):
+    with pytest.raises(ValueError, match="unknown backbone .sd3.*tiny, tiny-smoke, tiny-pixel, tiny-pixel-smoke, sd"):
         load_backbone("sd3")
 
 
@@ -162,9 +162,18 @@ def test_folder_without_model_index(tmp_path):
         load_backbone(tmp_path)
 
 
-def test_missing_component_is_named(sd15_copy):
-    shutil.rmtree(sd15_copy / "vae")
-    with pytest.raises(PipelineLoadError, match="'vae' component's folder .* is missing"):
+@pytest.mark.parametrize("removed, message", [
+    ("vae", "'vae' component's folder .*/vae is missing"),
+    ("vae/diffusion_pytorch_model.safetensors", r"/vae holds no weights file \(\*.safetensors or \*.bin\)"),
+    ("unet/diffusion_pytorch_model.safetensors", r"/unet holds no weights file"),
+    ("text_encoder/config.json", r"/text_encoder/config.json is missing"),
+    ("tokenizer/tokenizer.json", r"/tokenizer lacks its files \(tokenizer.json or vocab.json \+ merges.txt"),
+    ("scheduler/scheduler_config.json", r"/scheduler lacks its files \(scheduler_config.json\)"),
+])
+def test_a_missing_component_or_file_is_named_with_what_to_do(sd15_copy, removed, message):
+    path = sd15_copy / removed
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    with pytest.raises(PipelineLoadError, match=f"{message}.*copy it again, or save it again"):
         load_backbone(sd15_copy)
 
 
@@ -200,8 +209,10 @@ def test_export_refuses_a_foreign_folder_and_bad_latents(tmp_path):
     with pytest.raises(FileExistsError, match="not an exported student"):
         export_student(backbone.denoiser, backbone, tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "keep me"
-    with pytest.raises(ValueError, match=r"latents must have shape \(2, 4, 16, 16\)"):
+    with pytest.raises(ValueError, match=r"latents must have shape \(2, 4, 16, 16\).*got \(2, 4, 8, 8\)"):
         one_step_generate(backbone.denoiser, backbone, PROMPTS[:2], latents=torch.zeros(2, 4, 8, 8))
+    with pytest.raises(ValueError, match=r"latents must have shape \('B', 4, 16, 16\).*got \(2, 4, 8, 8\)"):
+        backbone.denoise(torch.zeros(2, 4, 8, 8), 999, backbone.encode_prompts(PROMPTS[:2]))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ def test_ddim_with_one_step_and_no_guidance_matches_manual_formula(smoke_models)
 
 
 def test_unknown_backbone_names_the_choices():
-    with pytest.raises(ValueError, match="tiny, tiny-smoke, sd15"):
+    with pytest.raises(ValueError, match="tiny, tiny-smoke, tiny-pixel, tiny-pixel-smoke, sd15"):
         load_backbone("sd3")
 
 

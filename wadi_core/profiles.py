@@ -2,8 +2,8 @@
 
 | profile | backbone | where | purpose |
 |---|---|---|---|
-| ``smoke`` | ``tiny-smoke`` | any CPU, CI | proves every notebook runs headlessly; no quality claims |
-| ``tiny``  | ``tiny`` | any CPU, offline | the committed, readable reproduction (default) |
+| ``smoke`` | ``tiny-pixel-smoke`` | any CPU, CI | proves every notebook runs headlessly; no quality claims |
+| ``tiny``  | ``tiny-pixel`` | any CPU, offline | the committed, readable reproduction (default) |
 | ``paper-smoke`` | ``smoke-sd15`` | any CPU, CI | the paper code path on a random-weight SD1.5-structured pipeline |
 | ``paper`` | ``sd15`` | GPU + model hub | SD1.5 / SD2.1-base / PixArt-α at paper scale (:class:`PaperDataConfig`) |
 
@@ -203,7 +203,8 @@ class PaperDataConfig:
 @dataclass(frozen=True)
 class Profile:
     name: str
-    backbone: str = "tiny"  # wadi_core.backbones.load_backbone(config.backbone) in every model notebook
+    # The notebooks move to the latent "tiny" / "tiny-smoke" when they are re-executed on it.
+    backbone: str = "tiny-pixel"  # wadi_core.backbones.load_backbone(config.backbone) in every model notebook
     world: WorldConfig = field(default_factory=WorldConfig)
     clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
     teacher: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
@@ -228,7 +229,7 @@ class Profile:
         return dataclasses.asdict(self)
 
 
-def _smoke(name: str = "smoke", backbone: str = "tiny-smoke") -> Profile:
+def _smoke(name: str = "smoke", backbone: str = "tiny-pixel-smoke") -> Profile:
     # Mechanics only: a few steps of everything, tiny eval sets (FID needs more images than feature dims).
     return Profile(
         name=name,

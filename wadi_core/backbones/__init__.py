@@ -2,8 +2,11 @@
 
 ``load_backbone(name_or_path)`` is the one entry point:
 
-- ``"tiny"`` / ``"tiny-smoke"``: the tiny world of the ``tiny`` / ``smoke`` profile (pixel space, bundled in
-  ``data/`` or trained on first use; :mod:`.tiny`);
+- ``"tiny"`` / ``"tiny-smoke"``: the latent tiny Stable Diffusion of the ``tiny`` / ``smoke`` profile, a stock
+  ``StableDiffusionPipeline`` folder (``data/tiny_sd/``, bundled; built from its artifacts when missing or stale;
+  :mod:`.tiny_sd`);
+- ``"tiny-pixel"`` / ``"tiny-pixel-smoke"``: the pixel-space tiny world of the same profiles (bundled in ``data/``
+  or trained on first use; :mod:`.tiny`), on which the committed notebooks run;
 - ``"sd15"``, ``"sd21-base"``, ``"pixart-alpha-256"``: the paper's backbones from the model hub or its local cache
   (:mod:`.paper`; their configs are bundled in ``data/model_configs`` for meta-device counting);
 - ``"smoke-sd15"``, ``"smoke-sd21-base"``, ``"smoke-pixart-alpha-256"``: tiny random-weight pipelines with the
@@ -34,8 +37,11 @@ from .tiny import (
     make_scheduler,
     text_encoder_from_clip,
 )
+from .tiny_sd import load_tiny_sd_backbone
 
-TINY_BACKBONES = {"tiny": "tiny", "tiny-smoke": "smoke"}  # backbone name → the profile whose tiny world it is
+# backbone name → the profile whose tiny world it is: the latent tiny SD, and the pixel-space tiny world
+TINY_BACKBONES = {"tiny": "tiny", "tiny-smoke": "smoke"}
+TINY_PIXEL_BACKBONES = {"tiny-pixel": "tiny", "tiny-pixel-smoke": "smoke"}
 SMOKE_PREFIX = "smoke-"
 
 
@@ -44,7 +50,7 @@ def backbone_names() -> tuple[str, ...]:
     from .paper import PAPER_BACKBONES
     from .smoke import SMOKE_KINDS
 
-    return (*TINY_BACKBONES, *PAPER_BACKBONES, *(SMOKE_PREFIX + kind for kind in SMOKE_KINDS))
+    return (*TINY_BACKBONES, *TINY_PIXEL_BACKBONES, *PAPER_BACKBONES, *(SMOKE_PREFIX + kind for kind in SMOKE_KINDS))
 
 
 def load_backbone(name_or_path: str | Path = "tiny", device: str | torch.device | None = None,
@@ -64,11 +70,15 @@ def load_backbone(name_or_path: str | Path = "tiny", device: str | torch.device 
     from . import paper, smoke
 
     name = str(name_or_path)
-    if name in TINY_BACKBONES:
-        backbone = load_tiny_backbone(get_profile(TINY_BACKBONES[name]))
+    if name in TINY_BACKBONES or name in TINY_PIXEL_BACKBONES:
+        if name in TINY_BACKBONES:
+            backbone = load_tiny_sd_backbone(get_profile(TINY_BACKBONES[name]), name=name)
+        else:
+            backbone = load_tiny_backbone(get_profile(TINY_PIXEL_BACKBONES[name]), name=name)
         if device is not None or dtype is not None:
-            for model in (backbone.text_encoder, backbone.denoiser, backbone.clip):
-                model.to(device=device, dtype=dtype)
+            for model in (backbone.text_encoder, backbone.denoiser, backbone.vae, backbone.clip):
+                if model is not None:
+                    model.to(device=device, dtype=dtype)
         return backbone
     if name in paper.PAPER_BACKBONES:
         return paper.load_paper_backbone(name, device=device, dtype=dtype)
@@ -84,6 +94,7 @@ __all__ = [
     "OFFICIAL_ONE_STEP_ALPHA_BAR",
     "PIPELINE_LAYOUTS",
     "TINY_BACKBONES",
+    "TINY_PIXEL_BACKBONES",
     "Backbone",
     "PipelineLoadError",
     "backbone_names",
@@ -93,6 +104,7 @@ __all__ = [
     "load_or_train_tiny_clip",
     "load_pipeline",
     "load_tiny_backbone",
+    "load_tiny_sd_backbone",
     "make_scheduler",
     "sample_ddim",
     "text_encoder_from_clip",

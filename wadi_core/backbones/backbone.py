@@ -1,7 +1,8 @@
 """The one :class:`Backbone` of both worlds: a diffusers pipeline's components plus what WaDi needs on top.
 
 Every notebook, the distillation and the evaluation see only this object, whether it holds the tiny world's
-pixel-space teacher, SD1.5 / SD2.1-base (``StableDiffusionPipeline``) or PixArt-α (``PixArtAlphaPipeline``):
+latent tiny SD or pixel-space teacher, SD1.5 / SD2.1-base (``StableDiffusionPipeline``) or PixArt-α
+(``PixArtAlphaPipeline``):
 
 - components: ``tokenizer``, ``text_encoder``, ``denoiser`` (``UNet2DConditionModel`` or
   ``PixArtTransformer2DModel``), ``scheduler`` (a ``DDPMScheduler`` built from the pipeline's scheduler config,
@@ -39,6 +40,14 @@ PIPELINE_LAYOUTS = {
     "StableDiffusionPipeline": ("unet", ("tokenizer", "text_encoder", "unet", "scheduler", "vae")),
     "PixArtAlphaPipeline": ("transformer", ("tokenizer", "text_encoder", "transformer", "scheduler", "vae")),
 }
+# What a local component folder must hold (one group of files at least), checked before loading: diffusers and
+# transformers name the pipeline's root folder in their errors, and a tokenizer folder without its vocabulary
+# loads as an empty tokenizer without any error. Models need config.json and a weights file.
+COMPONENT_FILES = {
+    "tokenizer": (("tokenizer.json",), ("vocab.json", "merges.txt"), ("spiece.model",)),
+    "scheduler": (("scheduler_config.json",),),
+}
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 PIXART_MAX_LENGTH = 120  # T5 tokens per prompt in PixArtAlphaPipeline and the official train_dkd_dit.py
 OFFICIAL_ONE_STEP_ALPHA_BAR = 0.0047  # hard-coded in train_dkd_dit.py and infer_pixart.py (and the SD scripts)
 
@@ -47,7 +56,7 @@ OFFICIAL_ONE_STEP_ALPHA_BAR = 0.0047  # hard-coded in train_dkd_dit.py and infer
 class Backbone:
     """Frozen text encoder + tokenizer, frozen denoiser, DDPM scheduler and (latent models) VAE."""
 
-    name: str  # "tiny", "sd15", …, or the folder it was loaded from
+    name: str  # "tiny", "tiny-pixel", "sd15", …, or the folder it was loaded from
     tokenizer: Any
     text_encoder: nn.Module
     denoiser: nn.Module
@@ -79,6 +88,17 @@ class Backbone:
         size = self.denoiser.config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return int(self.denoiser.config.in_channels), int(height), int(width)
+
+    def check_latents(self, latents: torch.Tensor, batch: int | None = None) -> None:
+        """Raise ``ValueError`` unless ``latents`` is (B, C, H, W) with (C, H, W) = :attr:`latent_shape` (and
+        B = ``batch`` when given): the sizes the denoiser was trained for. A shape comparison only."""
+        shape = tuple(latents.shape)
+        if shape[1:] != self.latent_shape or (batch is not None and shape[0] != batch):
+            expected = (batch if batch is not None else "B", *self.latent_shape)
+            space = "pixels" if self.vae is None else "VAE latents"
+            raise ValueError(f"latents must have shape {expected} ({space}: (C, H, W) = Backbone.latent_shape "
+                             f"{self.latent_shape} of backbone {self.name!r}), got {shape}; draw them with "
+                             "backbone.noise(batch, seed)")
 
     @property
     def resolution(self) -> int:
@@ -117,12 +137,14 @@ class Backbone:
     def denoise(self, latents: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor,
                 denoiser: nn.Module | None = None) -> torch.Tensor:
         """ε̂ of ``denoiser`` (default: the frozen teacher) at (latents, t, cond); PixArt's sigma half dropped."""
+        self.check_latents(latents)
         return predict_epsilon(self.denoiser if denoiser is None else denoiser, latents, t, cond)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] (B, 3, H, W): VAE decode of ``latents / scaling_factor`` then (x/2 + 1/2) clamped,
         exactly as the stock pipelines' ``output_type="pt"``; a pixel-space x0 is clamped to [−1, 1] and mapped."""
+        self.check_latents(latents)
         if self.vae is None:
             return (latents.clamp(-1, 1) + 1) / 2
         latents = latents.to(device=next(self.vae.parameters()).device, dtype=self.vae.dtype)
@@ -134,22 +156,31 @@ class Backbone:
         z = torch.randn(batch, *self.latent_shape, generator=torch.Generator().manual_seed(seed))
         return z.to(device=self.device, dtype=self.dtype)
 
+    def _initial_noise(self, batch: int, seed: int, latents: torch.Tensor | None) -> torch.Tensor:
+        """z from ``seed``, or the given ``latents`` checked against :attr:`latent_shape`."""
+        if latents is None:
+            return self.noise(batch, seed)
+        self.check_latents(latents, batch)
+        return latents.to(device=self.device, dtype=self.dtype)
+
     @torch.no_grad()
-    def one_step(self, prompts: list[str], seed: int) -> torch.Tensor:
+    def one_step(self, prompts: list[str], seed: int = 0, latents: torch.Tensor | None = None) -> torch.Tensor:
         """The teacher's own one-step image (a VSD student at init), decoded, in [0, 1] (B, 3, H, W).
 
-        x0 = (z − σ_T ε̂)/α_T on z from ``seed`` (:func:`wadi_core.diffusion.one_step_x0`): every ε̂ error is
-        amplified by 1/α_T (14.6 with SD1.5's schedule).
+        x0 = (z − σ_T ε̂)/α_T on z from ``seed`` or given as ``latents`` (:func:`wadi_core.diffusion.one_step_x0`):
+        every ε̂ error is amplified by 1/α_T (14.6 with SD1.5's schedule).
         """
-        x0 = one_step_x0(self.denoiser, self.noise(len(prompts), seed), self.encode_prompts(prompts),
-                         self.scheduler, self.one_step_alpha_bar)
+        x0 = one_step_x0(self.denoiser, self._initial_noise(len(prompts), seed, latents),
+                         self.encode_prompts(prompts), self.scheduler, self.one_step_alpha_bar)
         return self.decode(x0)
 
-    def sample(self, prompts: list[str], num_inference_steps: int, guidance_scale: float, seed: int,
-               batch_size: int = 128, progress: bool = True) -> torch.Tensor:
-        """The multi-step teacher: N-step DDIM (η = 0) with classifier-free guidance, decoded, in [0, 1]."""
+    def sample(self, prompts: list[str], num_inference_steps: int, guidance_scale: float, seed: int = 0,
+               batch_size: int = 128, progress: bool = True, latents: torch.Tensor | None = None) -> torch.Tensor:
+        """The multi-step teacher: N-step DDIM (η = 0) with classifier-free guidance from z drawn from ``seed``
+        (or given as ``latents``), decoded, in [0, 1]."""
+        noise = None if latents is None else self._initial_noise(len(prompts), seed, latents)
         latents = sample_ddim(self.denoiser, self.scheduler, self.encode_prompts(prompts), self.null_embedding(),
-                              num_inference_steps, guidance_scale, seed, batch_size, progress)
+                              num_inference_steps, guidance_scale, seed, batch_size, progress, noise=noise)
         return torch.cat([self.decode(latents[i : i + batch_size]) for i in range(0, len(latents), batch_size)])
 
 
@@ -164,17 +195,21 @@ def sample_ddim(
     seed: int,
     batch_size: int = 128,
     progress: bool = True,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DDIM with CFG, ε̂ = ε̂(∅) + g·(ε̂(c) − ε̂(∅)); returns the final latents (B, C, H, W), not decoded.
 
-    All initial noise is drawn up front from ``seed`` on the CPU, so the result does not depend on ``batch_size``.
+    All initial noise is drawn up front from ``seed`` on the CPU (or given as ``noise``), so the result does not
+    depend on ``batch_size``.
     """
     ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(num_inference_steps)
-    size = denoiser.config.sample_size
-    shape = (len(cond), denoiser.config.in_channels, size, size)
     parameter = next(denoiser.parameters())
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(parameter.device, parameter.dtype)
+    if noise is None:
+        size = denoiser.config.sample_size
+        shape = (len(cond), denoiser.config.in_channels, size, size)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    noise = noise.to(parameter.device, parameter.dtype)
     guided = guidance_scale != 1.0
     out = []
     for start in tqdm(range(0, len(cond), batch_size), desc=f"DDIM-{num_inference_steps} CFG {guidance_scale}",
@@ -255,6 +290,24 @@ def _component_class(model_index: dict, name: str, source: str | Path) -> type:
     return getattr(importlib.import_module(library), class_name)
 
 
+def _missing_files(source: Path, name: str | None, cls: type) -> str | None:
+    """What the local component folder ``source/name`` (``name`` None: ``source`` itself) lacks, or None."""
+    folder = source if name is None else source / name
+    if not folder.is_dir():
+        return f"the {name!r} component's folder {folder} is missing"
+    if issubclass(cls, nn.Module):
+        if not (folder / "config.json").is_file():
+            return f"{folder / 'config.json'} is missing"
+        if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+            return f"{folder} holds no weights file ({' or '.join(WEIGHT_PATTERNS)})"
+        return None
+    groups = COMPONENT_FILES.get(name or "", ())
+    if groups and not any(all((folder / file).is_file() for file in group) for group in groups):
+        wanted = " or ".join(" + ".join(group) for group in groups)
+        return f"{folder} lacks its files ({wanted})"
+    return None
+
+
 def _load_component(cls: type, source: str | Path, name: str | None, dtype: torch.dtype | None) -> Any:
     """``cls.from_pretrained(source, subfolder=name)`` (``name`` None: the model at ``source`` itself), offline
     when ``HF_HUB_OFFLINE=1``; every failure a :class:`PipelineLoadError` naming the component."""
@@ -263,11 +316,13 @@ def _load_component(cls: type, source: str | Path, name: str | None, dtype: torc
         kwargs["local_files_only"] = hub_offline()
     if dtype is not None and issubclass(cls, nn.Module):
         kwargs["dtype"] = dtype
-    if Path(source).is_dir() and name is not None and not (Path(source) / name).is_dir():
-        raise PipelineLoadError(f"{source}: the {name!r} component's folder {Path(source) / name} is missing")
+    missing = _missing_files(Path(source), name, cls) if Path(source).is_dir() else None
+    if missing is not None:
+        raise PipelineLoadError(f"{source}: {missing}. The folder is incomplete: copy it again, or save it again "
+                                "with pipeline.save_pretrained(folder)")
     try:
         return cls.from_pretrained(str(source), **kwargs)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError, RuntimeError) as err:
         if not Path(source).is_dir():
             raise PipelineLoadError(_hub_error(str(source), err)) from err
         raise PipelineLoadError(f"{source}: cannot load the {name!r} component as {cls.__name__} "

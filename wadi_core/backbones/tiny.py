@@ -1,4 +1,5 @@
-"""The tiny world's backbone, built in Stable Diffusion's mould (see docs/design.md).
+"""The tiny world's pixel-space backbone (``"tiny-pixel"``), built in Stable Diffusion's mould (docs/design.md);
+its tokenizer and tiny CLIP are also those of the latent tiny SD (:mod:`.tiny_sd`).
 
 - ``CLIPTokenizer`` (BPE trained on the caption grammar) + tiny ``CLIPModel`` trained contrastively on
   ShapesWorld; its frozen text tower conditions the teacher exactly as SD's frozen CLIP text encoder does.
@@ -7,8 +8,9 @@
 - Scheduler: SD1.5's exact DDPM config (1000 steps, scaled_linear 0.00085→0.012), so ᾱ at t=999 is 0.0047,
   the value WaDi's one-step formula assumes (the official ``train_dkd_sd.py`` hard-codes it).
 
-Pixel space rather than a tiny-VAE latent space: at 32×32 the VAE would add its own training stage and its
-8×8 latents lose the small objects; the notebook shows the measured distillability.
+This pixel world came first (at 32×32 a VAE with f = 4 leaves 8×8 latents that lose the small objects);
+the latent tiny SD (:mod:`.tiny_sd`, f = 2) is now ``"tiny"``, and the committed notebooks run on this one until
+they are re-executed on it.
 """
 
 from __future__ import annotations
@@ -208,6 +210,28 @@ def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompt
     return text_encoder(input_ids=tokenize(tokenizer, prompts)).last_hidden_state
 
 
+def denoiser_step(unet: UNet2DConditionModel, optimizer: torch.optim.Optimizer, scheduler: DDPMScheduler,
+                  x0: torch.Tensor, text_states: torch.Tensor, null_state: torch.Tensor, config: TeacherTrainConfig,
+                  generator: torch.Generator) -> torch.Tensor:
+    """One training step of :func:`train_denoiser`: ``config.batch_size`` examples of ``x0`` and their text states
+    (``config.caption_dropout`` of them replaced by ``null_state``), noised at t ~ U[0, T), the MSE of the predicted
+    ε, backward, gradient clipping at 1.0 and ``optimizer.step()``; every draw from ``generator``. Returns the
+    loss."""
+    batch = torch.randint(len(x0), (config.batch_size,), generator=generator)
+    target = x0[batch]
+    noise = torch.randn(target.shape, generator=generator)
+    t = torch.randint(scheduler.config.num_train_timesteps, (len(batch),), generator=generator)
+    drop = torch.rand(len(batch), generator=generator) < config.caption_dropout
+    cond = torch.where(drop[:, None, None], null_state.expand_as(text_states[batch]), text_states[batch])
+    pred = unet(scheduler.add_noise(target, noise, t), t, encoder_hidden_states=cond).sample
+    loss = F.mse_loss(pred, noise)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    optimizer.step()
+    return loss
+
+
 def train_denoiser(
     x0: torch.Tensor, text_states: torch.Tensor, null_state: torch.Tensor, config: TeacherTrainConfig,
     unet_config: dict,
@@ -225,20 +249,9 @@ def train_denoiser(
     start = time.perf_counter()
     unet.train()
     for step in tqdm(range(config.steps), desc="teacher UNet", mininterval=5.0):
-        batch = torch.randint(len(x0), (config.batch_size,), generator=generator)
-        target = x0[batch]
-        noise = torch.randn(target.shape, generator=generator)
-        t = torch.randint(scheduler.config.num_train_timesteps, (len(batch),), generator=generator)
-        drop = torch.rand(len(batch), generator=generator) < config.caption_dropout
-        cond = torch.where(drop[:, None, None], null_state.expand_as(text_states[batch]), text_states[batch])
-        pred = unet(scheduler.add_noise(target, noise, t), t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise)
         lr = cosine_lr(step, config.steps, config.lr, config.lr_min, config.warmup_steps)
         set_lr(optimizer, lr)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
+        loss = denoiser_step(unet, optimizer, scheduler, x0, text_states, null_state, config, generator)
         with torch.no_grad():
             decay = min(config.ema_decay, (1 + step) / (10 + step))
             for p_ema, p in zip(ema.parameters(), unet.parameters()):
@@ -281,13 +294,13 @@ def load_or_train_teacher(profile: Profile, clip: TrainedModel) -> TrainedModel:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def load_tiny_backbone(profile: Profile) -> Backbone:
-    """The tiny world of ``profile`` as a :class:`Backbone` (pixel space: ``vae=None``), its CLIP and teacher
-    loaded from ``data/`` (or, on a fresh machine, trained)."""
+def load_tiny_backbone(profile: Profile, name: str = "tiny-pixel") -> Backbone:
+    """The pixel tiny world of ``profile`` as a :class:`Backbone` named ``name`` (pixel space: ``vae=None``), its
+    CLIP and teacher loaded from ``data/`` (or, on a fresh machine, trained)."""
     clip = load_or_train_tiny_clip(profile)
     teacher = load_or_train_teacher(profile, clip)
     distill = profile.distill
-    return Backbone(name="tiny", tokenizer=clip.tokenizer, text_encoder=text_encoder_from_clip(clip.model),
+    return Backbone(name=name, tokenizer=clip.tokenizer, text_encoder=text_encoder_from_clip(clip.model),
                     denoiser=teacher.model, scheduler=make_scheduler(), vae=None,
                     max_length=int(clip.tokenizer.model_max_length), student_rank=distill.student_rank,
                     fake_rank=distill.fake_rank, clip=clip.model.requires_grad_(False))

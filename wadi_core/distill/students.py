@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from ..adapters import inject, merged_copy
 from ..artifacts import TrainedModel, artifact_path, atomic_path, cache_dir, load_or_train, module_digest
+from ..backbones.denoisers import check_denoiser_matches
 from ..diffusion import one_step_x0
 from ..profiles import DistillConfig, Profile
 from ..world import make_split
@@ -209,12 +210,17 @@ def one_step_generate(student: nn.Module, backbone, prompts: list[str], seed: in
 
     z is drawn up front from ``seed`` (so images do not depend on ``batch_size``), or given as ``latents``
     (B, C, H, W), e.g. to compare with the exported pipeline called on the same ``latents``.
+
+    Raises:
+        ValueError: ``latents`` not of shape (len(prompts), *backbone.latent_shape).
+        PipelineLoadError: a ``student`` of another world (see
+            :func:`~wadi_core.backbones.denoisers.check_denoiser_matches`).
     """
+    check_denoiser_matches(student, backbone)
     if latents is None:
         latents = backbone.noise(len(prompts), seed)
-    elif latents.shape != (len(prompts), *backbone.latent_shape):
-        raise ValueError(f"latents must have shape {(len(prompts), *backbone.latent_shape)} for {len(prompts)} "
-                         f"prompts, got {tuple(latents.shape)}")
+    else:
+        backbone.check_latents(latents, len(prompts))
     parameter = next(student.parameters())
     latents = latents.to(device=parameter.device, dtype=parameter.dtype)
     out = []
