@@ -6,8 +6,9 @@
 #   PROFILE=smoke make reproduce   another profile: smoke | tiny | paper-smoke | paper
 #   make lint                      ruff over wadi_core, tests and notebooks (part of make test)
 #   make test                      lint, unit tests, smoke runs of every notebook (smoke, paper-smoke), nbval
-#   make bench                     LoRaD's cost per Linear, per tiny-world training step and per SD1.5 U-Net step
-#                                  (python -m wadi_core.benchmarks layers, training-step, sd15-step; about 20 minutes)
+#   make bench                     LoRaD's cost per Linear, per tiny-world training step and per SD1.5 U-Net step,
+#                                  and the teacher and WaDi steps of three tiny worlds (python -m wadi_core.benchmarks
+#                                  layers, training-step, sd15-step, worlds; about 20 minutes)
 #   make bench-kernels             fused Triton LoRaD vs the GEMM floor (python -m wadi_core.benchmarks kernels)
 #   make gpu-wheels                download into gpu_wheels/ the wheels make gpu-check needs beyond torch and triton
 #                                  (run where pip reaches the package index; GPU_PYTHON_VERSION, GPU_WHEELS_PROVIDED)
@@ -108,12 +109,15 @@ else
 endif
 
 # Forward+backward time and saved-for-backward bytes per adapted Linear at SD1.5 shapes, per WaDi generator step of
-# each tiny-world student, and per student step of the SD1.5 U-Net (one thread, each variant in its own process);
-# results/tables/benchmarks_{layers,training_step,sd15_step}.*.
+# each tiny-world student, per student step of the SD1.5 U-Net (one thread, each variant in its own process), and
+# the teacher training step and WaDi generator step of the pixel, pixel-with-SD1.5-attention and latent tiny worlds
+# with their equal-budget step counts (one thread);
+# results/tables/benchmarks_{layers,training_step,sd15_step,worlds}.*.
 bench: venv
 	$(PY) -m wadi_core.benchmarks layers
 	$(PY) -m wadi_core.benchmarks training-step
 	OMP_NUM_THREADS=1 $(PY) -m wadi_core.benchmarks sd15-step --threads 1
+	OMP_NUM_THREADS=1 $(PY) -m wadi_core.benchmarks worlds --threads 1
 
 # Fused Triton LoRaD vs reference, official hook, plain Linears and the GEMM floor at SD1.5 shapes: fp16/bf16 on a
 # CUDA GPU, fp32 on CPU (no Triton rows there); results/tables/benchmarks_kernels_<device>.csv.

@@ -4,6 +4,7 @@
     python -m wadi_core.benchmarks kernels         # fused Triton LoRaD vs the GEMM floor (make bench-kernels)
     python -m wadi_core.benchmarks training-step   # one WaDi generator step per student, tiny world (make bench)
     python -m wadi_core.benchmarks sd15-step       # one student forward+backward of the SD1.5 U-Net (make bench)
+    python -m wadi_core.benchmarks worlds          # teacher step and WaDi step in three tiny worlds (make bench)
     python -m wadi_core.benchmarks gpu-check       # kernels fp16/bf16 + the SD1.5 step on a CUDA GPU (make gpu-check)
 
 Every subcommand takes ``--quick`` (small shapes, for smoke tests). The modules share :mod:`.measure`: the SD1.5

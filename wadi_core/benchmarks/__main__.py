@@ -1,5 +1,5 @@
-"""``python -m wadi_core.benchmarks {layers,kernels,training-step,sd15-step,gpu-check} [options]``; see the package
-doc."""
+"""``python -m wadi_core.benchmarks {layers,kernels,training-step,sd15-step,worlds,gpu-check} [options]``; see the
+package doc."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ COMMANDS = {
     "kernels": ("kernels", "fused Triton LoRaD vs its reference, the official hook and the GEMM floor"),
     "training-step": ("training_step", "one WaDi generator step per student on the tiny world's teacher"),
     "sd15-step": ("sd15_step", "one student forward+backward of the SD1.5 U-Net: LoRaD, official hook, full, frozen"),
+    "worlds": ("worlds", "teacher step and WaDi step in three tiny worlds (pixel, pixel + SD1.5 attention, latent)"),
     "gpu-check": ("gpu_check", "make gpu-check: its wheels, then kernels fp16/bf16 and the SD1.5 step on a CUDA GPU"),
 }
 
