@@ -1,9 +1,11 @@
-# wadi-companion: make reproduce | make test | make venv | make clean
+# wadi-companion: make reproduce | make report | make test | make venv | make clean
 #
-#   make reproduce                 run every notebook (profile tiny) in place, refresh results/
+#   make reproduce                 run every notebook (profile tiny) in place, refresh results/ and the report
 #   ONLY=00 make reproduce         only notebook 00 (comma-separated ids: ONLY=00,03)
 #   FRESH=1 make reproduce         ignore cached artifacts in data/ and retrain
 #   PROFILE=smoke make reproduce   another profile: smoke | tiny | paper-smoke | paper
+#   make report                    the executed notebooks as HTML with an index of claims, figures and tables
+#                                  (results/report/index.html; python -m wadi_core.report; nothing is executed)
 #   make lint                      ruff over wadi_core, tests and notebooks (part of make test)
 #   make test                      lint, unit tests, smoke runs of every notebook (smoke, paper-smoke), nbval
 #   make bench                     LoRaD's cost per Linear, per tiny-world training step and per SD1.5 U-Net step,
@@ -35,7 +37,7 @@ REPRODUCE_FLAGS := --profile $(PROFILE) $(if $(ONLY),--only $(ONLY)) $(if $(filt
 # The numbered notebooks (executed copies of failed runs excluded); nbval checks them as committed.
 NOTEBOOKS := $(sort $(filter-out %.failed.ipynb,$(wildcard notebooks/[0-9][0-9]_*.ipynb)))
 
-.PHONY: venv reproduce lint test test-unit test-smoke test-nbval bench bench-kernels clean
+.PHONY: venv reproduce report lint test test-unit test-smoke test-nbval bench bench-kernels clean
 
 venv: $(STAMP)
 
@@ -49,8 +51,15 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
 	@touch $@
 
+# The report is refreshed after a successful run (not by the smoke runs of make test, which call the module).
 reproduce: venv
 	$(PY) -m wadi_core.reproduce $(REPRODUCE_FLAGS)
+	$(PY) -m wadi_core.report
+
+# Renders the committed, executed notebooks and results/ (about 15 s); the pages are git-ignored, the screenshots
+# that tests/test_report_browser.py takes of the index are committed.
+report: venv
+	$(PY) -m wadi_core.report
 
 test: lint test-unit test-smoke test-nbval
 
