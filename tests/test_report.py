@@ -77,10 +77,10 @@ def mini(tmp_path: Path) -> dict[str, Path]:
     notebooks, results, docs = tmp_path / "notebooks", tmp_path / "results", tmp_path / "docs"
     for folder in (notebooks, results / "tables", results / "figures", docs):
         folder.mkdir(parents=True)
-    (docs / "notes.md").write_text("# notes\n")
+    (docs / "design.md").write_text("# Design\n\n## Profiles\n")
     _write_notebook(
         notebooks / "00_alpha.ipynb",
-        "# 00 — Alpha world\n\n**Reproduces:** Fig. 9 of the paper ([notes](../docs/notes.md#x)).\n\nMore text.",
+        "# 00 — Alpha world\n\n**Reproduces:** Fig. 9 of the paper ([notes](../docs/design.md#profiles)).\n\nMore text.",
         with_image=True,
     )
     _write_notebook(notebooks / "01_beta.ipynb", "# 01 — Beta\n\nFirst paragraph.\n\nSecond.", with_image=False)
@@ -129,7 +129,7 @@ def test_index_has_the_paper_a_card_per_notebook_its_claims_figure_and_the_run(m
     assert "not recorded" in page  # 01 has no manifest entry
     for name in ("00_claims.csv", "00_other.csv", "benchmarks_speed.csv", "00_aaa.png", "00_main.pdf"):
         assert sum(href.endswith(name) for href in links.hrefs) >= 1, name
-    assert "../../docs/notes.md#x" in links.hrefs  # the notebook's link, rewritten for results/report/
+    assert "../../docs/design.md#profiles" in links.hrefs  # the notebook's link, rewritten for results/report/
     assert "00_alpha.html" in links.hrefs and "01_beta.html" in links.hrefs
     assert not links.scripts
     (mini["out"] / "00_alpha.html").touch()
@@ -152,7 +152,7 @@ def test_render_notebook_embeds_images_drops_cdn_scripts_and_relinks(mini):
     assert not [s for s in links.scripts if "src" in s], "a <script src=...> would fetch from a CDN"
     assert not [url for url in links.hrefs + links.srcs if url.startswith(("http:", "//"))]
     assert any(src.startswith("data:image/png;base64,") for src in links.srcs)
-    assert "index.html" in links.hrefs and "../../docs/notes.md#x" in links.hrefs
+    assert "index.html" in links.hrefs and "../../docs/design.md#profiles" in links.hrefs
     assert not [host for host in ("cdnjs", "jsdelivr", "unpkg", "mathjax") if host in page.lower()]
 
 

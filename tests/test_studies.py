@@ -14,6 +14,7 @@ from wadi_core.distill import (
     beyond_spread,
     load_or_train_student,
     lr_sweep,
+    recipe_study,
     seed_runs,
     seed_summary,
     sweep_config,
@@ -68,6 +69,25 @@ def test_lr_sweep_trains_each_point_once(smoke_profile):
     pd.testing.assert_frame_equal(sweep, again)
     assert len(seen) == 2  # the second sweep read the cached records
     assert best_lrs(sweep) == {"lorad": smoke_profile.distill.lr_sweep[0]}
+
+
+def test_recipe_study_scores_each_variant_once_with_its_overrides(smoke_profile):
+    backbone = load_backbone(smoke_profile.backbone)
+    seen = []
+
+    def score(student):
+        seen.append(student)
+        return {"FID": float(len(seen))}
+
+    variants = {"short": {"steps": 1}, "short, fake rank 2": {"steps": 1, "fake_rank": 2}}
+    study = recipe_study(smoke_profile, backbone, variants, score, {"scorer": "count"}, progress=False)
+    assert list(study.index) == list(variants) and list(study["steps"]) == [1, 1]
+    assert list(study["FID"]) == [1.0, 2.0]
+    again = recipe_study(smoke_profile, backbone, variants, score, {"scorer": "count"}, progress=False)
+    pd.testing.assert_frame_equal(study, again)
+    assert len(seen) == 2  # the second study read the cached records
+    with pytest.raises(ValueError, match="unknown VSDConfig field"):
+        recipe_study(smoke_profile, backbone, {"typo": {"fake_rnk": 2}}, score, {"scorer": "count"}, progress=False)
 
 
 def test_best_lrs_picks_lowest_fid_per_method():

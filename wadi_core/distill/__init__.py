@@ -60,10 +60,12 @@ from .studies import (  # noqa: E402
     best_lrs,
     beyond_spread,
     lr_sweep,
+    recipe_study,
     seed_runs,
     seed_summary,
     sweep_config,
     sweep_point,
 )
 
-__all__ += ["beyond_spread", "best_lrs", "lr_sweep", "seed_runs", "seed_summary", "sweep_config", "sweep_point"]
+__all__ += ["beyond_spread", "best_lrs", "lr_sweep", "recipe_study", "seed_runs", "seed_summary", "sweep_config",
+            "sweep_point"]

@@ -11,7 +11,7 @@ only where a difference exceeds the spread.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import pandas as pd
 from torch import nn
@@ -25,6 +25,7 @@ from .students import STUDENT_KIND, STUDENT_METHODS, _artifact_key, distill, loa
 
 SWEEP_KIND = "sweep_scores"
 SEED_KIND = "seed_scores"
+RECIPE_KIND = "recipe_scores"
 
 Scorer = Callable[[nn.Module], dict[str, float]]
 
@@ -34,11 +35,10 @@ def sweep_config(profile: Profile, method: str, lr: float, **overrides) -> VSDCo
     return student_config(profile.distill, method, student_lr=lr, steps=profile.distill.lr_sweep_steps, **overrides)
 
 
-def sweep_point(profile: Profile, backbone, method: str, lr: float, score: Scorer, score_key: dict,
-                progress: bool = False, **overrides) -> dict[str, float]:
-    """Scores of the ``method`` student distilled at ``lr`` (:func:`sweep_config`), cached by the student's
-    artifact key and ``score_key`` (what determines ``score``: prompts, seed, feature network)."""
-    config = sweep_config(profile, method, lr, **overrides)
+def _scored_student(profile: Profile, backbone, config: VSDConfig, score: Scorer, score_key: dict, kind: str,
+                    label: str, progress: bool) -> dict[str, float]:
+    """Scores of a student distilled with ``config`` on the training captions, cached as a ``kind`` record keyed by
+    the student's artifact key and ``score_key``; the student itself is not bundled."""
     prompts = sorted(set(make_split("train", profile.world).captions))
     student_key = _artifact_key(backbone, prompts, config)
 
@@ -48,8 +48,30 @@ def sweep_point(profile: Profile, backbone, method: str, lr: float, score: Score
         student = result.ema_student or result.student
         return {name: float(value) for name, value in score(student.eval()).items()}
 
-    return load_or_compute_record(SWEEP_KIND, {"student": student_key, "score": score_key}, compute,
-                                  label=f"{method} lr-sweep student (lr {lr:g})")
+    return load_or_compute_record(kind, {"student": student_key, "score": score_key}, compute, label=label)
+
+
+def sweep_point(profile: Profile, backbone, method: str, lr: float, score: Scorer, score_key: dict,
+                progress: bool = False, **overrides) -> dict[str, float]:
+    """Scores of the ``method`` student distilled at ``lr`` (:func:`sweep_config`), cached by the student's
+    artifact key and ``score_key`` (what determines ``score``: prompts, seed, feature network)."""
+    config = sweep_config(profile, method, lr, **overrides)
+    return _scored_student(profile, backbone, config, score, score_key, SWEEP_KIND,
+                           f"{method} lr-sweep student (lr {lr:g})", progress)
+
+
+def recipe_study(profile: Profile, backbone, variants: Mapping[str, dict], score: Scorer, score_key: dict,
+                 method: str = "lorad", progress: bool = True) -> pd.DataFrame:
+    """One row per named variant of the profile's ``method`` recipe (``{name: VSDConfig overrides}``, e.g. a
+    longer run, another fake-score rank or guidance scale): the search for a recipe whose one-step student reaches
+    the teacher, every attempt's scores kept as a record so that the notebook shows what each one measured."""
+    rows = []
+    for name, overrides in tqdm(variants.items(), desc="recipe variants", disable=not progress):
+        config = student_config(profile.distill, method, **overrides)
+        scores = _scored_student(profile, backbone, config, score, score_key, RECIPE_KIND,
+                                 f"{method} student ({name})", progress)
+        rows.append({"variant": name, "steps": config.steps, **scores})
+    return pd.DataFrame(rows).set_index("variant")
 
 
 def lr_sweep(profile: Profile, backbone, score: Scorer, score_key: dict,

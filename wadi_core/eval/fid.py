@@ -47,8 +47,9 @@ _HOW_TO_BUILD = (
 
 
 def _write_png(pixels: np.ndarray, path: Path) -> None:
-    """Atomically write one (H, W, 3) uint8 image (a temporary file renamed into place)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Atomically write one (H, W, 3) uint8 image (a temporary file of this process renamed into place, so that
+    two processes filling the same cached folder cannot take each other's file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     Image.fromarray(pixels).save(tmp, format="PNG")
     tmp.replace(path)
 
