@@ -80,7 +80,8 @@ def mini(tmp_path: Path) -> dict[str, Path]:
     (docs / "design.md").write_text("# Design\n\n## Profiles\n")
     _write_notebook(
         notebooks / "00_alpha.ipynb",
-        "# 00 — Alpha world\n\n**Reproduces:** Fig. 9 of the paper ([notes](../docs/design.md#profiles)).\n\nMore text.",
+        "# 00 — Alpha world\n\n**Reproduces:** Fig. 9 of the paper ([notes](../docs/design.md#profiles)).\n\n"
+        "More text.",
         with_image=True,
     )
     _write_notebook(notebooks / "01_beta.ipynb", "# 01 — Beta\n\nFirst paragraph.\n\nSecond.", with_image=False)

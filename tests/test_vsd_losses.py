@@ -9,6 +9,7 @@ from diffusers import UNet2DConditionModel
 
 from wadi_core.adapters import METHODS, count_trainable, inject
 from wadi_core.backbones.tiny import make_scheduler
+from wadi_core.diffusion import predict_epsilon
 from wadi_core.distill import VSDConfig, cfg_epsilon, fake_score_loss, generator_loss, one_step_x0, timestep_bounds
 
 BATCH, CHANNELS, SIZE, TOKENS, DIM = 2, 3, 8, 4, 8
@@ -104,6 +105,28 @@ def test_generator_gradient_equals_g_and_points_from_fake_to_real(real, texts, s
     closer_to_real = (x0 - real_pred).norm() - (start - real_pred).norm()
     closer_to_fake = (x0 - fake_pred).norm() - (start - fake_pred).norm()
     assert closer_to_real < closer_to_fake
+
+
+def test_fake_guidance_scale_guides_only_the_fake_score(real, texts, scheduler):
+    """fake_guidance_scale=None guides both scores at guidance_scale (official); 1.0 leaves the fake unguided
+    (DMD): its ε is the conditional prediction alone, while the real score keeps its guidance."""
+    cond, null = texts
+    fake = perturbed(real, 0.3, seed=2).requires_grad_(False)
+    x0 = torch.randn(BATCH, CHANNELS, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    _, both = generator_loss(x0, real, fake, cond, null, scheduler, 3.0, torch.Generator().manual_seed(4))
+    _, same = generator_loss(x0, real, fake, cond, null, scheduler, 3.0, torch.Generator().manual_seed(4),
+                             fake_guidance_scale=3.0)
+    _, unguided = generator_loss(x0, real, fake, cond, null, scheduler, 3.0, torch.Generator().manual_seed(4),
+                                 fake_guidance_scale=1.0)
+    torch.testing.assert_close(same["g"], both["g"])
+    torch.testing.assert_close(unguided["eps_real"], both["eps_real"])
+    conditional = predict_epsilon(fake, unguided["x_t"], unguided["t"], cond)
+    torch.testing.assert_close(unguided["eps_fake"], conditional, rtol=1e-4, atol=1e-5)
+    assert (unguided["eps_fake"] - both["eps_fake"]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="fake_guidance_scale"):
+        VSDConfig(fake_guidance_scale=0.0)
+    assert "fake_guidance_scale" not in VSDConfig().key_dict()  # the bundled students' keys stay as they were
+    assert VSDConfig(fake_guidance_scale=1.0).key_dict()["fake_guidance_scale"] == 1.0
 
 
 def test_normalized_gradient_is_dmds_rule(real, texts, scheduler):

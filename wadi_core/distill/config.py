@@ -5,7 +5,7 @@ Defaults are the paper's values (``train_dkd_sd1.5.sh`` and ``train_dkd_sd.py``'
 checkpointing), which default to what runs on a CPU; :meth:`VSDConfig.official` is the whole official recipe of
 each backbone. Every deviation from the official loop that the tiny world
 may need (fake-score warm-up, fake:generator update ratio, gradient normalisation, EMA, loss reduction, dropout
-mode) is a named field whose paper-faithful value is the default.
+mode, the fake score's guidance) is a named field whose paper-faithful value is the default.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw_8bit")
 # Fields added after the tiny-world students were trained: an artifact key leaves them out while they hold their
 # default (which is what those students were trained with), so the bundled students stay valid.
-_KEYED_ONLY_OFF_DEFAULT = ("one_step_alpha_bar", "gradient_checkpointing", "optimizer")
+_KEYED_ONLY_OFF_DEFAULT = ("one_step_alpha_bar", "gradient_checkpointing", "optimizer", "fake_guidance_scale")
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,9 @@ class VSDConfig:
     fake_warmup_steps: int = 0  # fake-score-only steps before the first generator step
     fake_updates_per_step: int = 1  # fake-score updates per generator step (official: 1:1)
     normalize_generator_grad: bool = False  # DMD-style per-sample normalisation of g_t (official: off)
+    # CFG of the fake score in the generator loss; None: guidance_scale, as the official code guides both scores.
+    # 1.0 leaves the fake score unguided, as DMD does, so that the student is pulled toward the guided teacher.
+    fake_guidance_scale: float | None = None
     # Runtime.
     seed: int = 0  # the official scripts use seed None (non-deterministic); ours is always fixed
     mixed_precision: str = "no"  # accelerate's setting; paper: "fp16" (SD), "bf16" (PixArt); "no" on CPU
@@ -88,6 +91,9 @@ class VSDConfig:
                 raise ValueError(f"VSDConfig.{name}: must be > 0, got {value!r}")
         if not self.guidance_scale > 0:
             raise ValueError(f"VSDConfig.guidance_scale: must be > 0, got {self.guidance_scale!r}")
+        if self.fake_guidance_scale is not None and not self.fake_guidance_scale > 0:
+            raise ValueError(f"VSDConfig.fake_guidance_scale: must be None (= guidance_scale) or > 0, "
+                             f"got {self.fake_guidance_scale!r}")
         if not 0.0 <= self.fake_null_dropout <= 1.0:
             raise ValueError(f"VSDConfig.fake_null_dropout: must lie in [0, 1], got {self.fake_null_dropout!r}")
         if self.fake_null_dropout_mode not in NULL_DROPOUT_MODES:

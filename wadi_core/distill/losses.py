@@ -101,6 +101,7 @@ def generator_loss(
     t_range: tuple[float, float] = (0.02, 0.981),
     reduction: str = "mean",
     normalize: bool = False,
+    fake_guidance_scale: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """VSD surrogate loss of the student (WaDi §3.3; ``train_dkd_sd.py``, the student step).
 
@@ -118,6 +119,11 @@ def generator_loss(
       ∂L/∂x0 = g_t / (B·C·H·W). The scale matters only through gradient clipping (norm 1.0 in the paper): with
       the mean the clip rarely fires; under Adam the scale is otherwise irrelevant.
     - ``"sum_pixels"`` (ours, not the paper's): sum over C·H·W, mean over the batch, so ∂L/∂x0 = g_t / B.
+
+    Fake-score guidance (``fake_guidance_scale``): None guides the fake score at ``guidance_scale`` as the
+    official code does; a student equal to the *unguided* teacher is then a fixed point (each score's guidance
+    term, (w−1)·∇log p_t(c|x) of its own distribution, cancels the other's). 1.0 (ours, DMD's choice) leaves the
+    fake score unguided, so that the fixed point is the guided teacher.
 
     Normalisation (``normalize=True``, ours, not the paper's): DMD's per-sample rule (Yin et al. 2024, eq. 8)
     replaces g_t by (x0_fake_pred − x0_real_pred) / mean_{C,H,W}|x0 − x0_real_pred|, which equals
@@ -137,9 +143,10 @@ def generator_loss(
     with torch.no_grad():
         # 2. Re-noise the (detached) sample: x_t = α_t x0 + σ_t ε.
         x_t = scheduler.add_noise(x0.detach(), noise, t)  # (B, C, H, W)
-        # 3. Real (teacher) and fake scores, both with CFG at the same scale.
+        # 3. Real (teacher) and fake scores with CFG, the fake at the real's scale unless told otherwise.
+        fake_scale = guidance_scale if fake_guidance_scale is None else fake_guidance_scale
         eps_real = cfg_epsilon(real_unet, x_t, t, cond, null, guidance_scale)  # (B, C, H, W)
-        eps_fake = cfg_epsilon(fake_unet, x_t, t, cond, null, guidance_scale)  # (B, C, H, W)
+        eps_fake = cfg_epsilon(fake_unet, x_t, t, cond, null, fake_scale)  # (B, C, H, W)
         # 4. g_t = σ_t² (ε_real − ε_fake), σ_t² broadcast per sample; non-finite entries made finite.
         sigma2 = 1 - _per_sample(scheduler.alphas_cumprod, t, x0)  # (B, 1, 1, 1)
         g = torch.nan_to_num(sigma2 * (eps_real.to(x0.dtype) - eps_fake.to(x0.dtype)))  # (B, C, H, W)

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="AdamW learning rate of the fake score")
     add("--guidance-scale", metavar="W", type=float, default=_DEFAULT.guidance_scale,
         help="classifier-free guidance of the real and the fake score in the generator loss")
+    add("--fake-guidance-scale", metavar="W", type=float,
+        help="guidance of the fake score alone (default: --guidance-scale, as the official code; 1 leaves the "
+             "fake score unguided, as DMD does)")
     add("--mixed-precision", choices=MIXED_PRECISION,
         help="accelerate's mixed precision (default: fp16 on CUDA for SD, bf16 on CUDA for PixArt-α, as the "
              "official scripts; no on the CPU)")
@@ -203,6 +206,7 @@ def _given_fields(args: argparse.Namespace, num_processes: int) -> dict:
         student_lr=args.student_lr,
         fake_lr=args.fake_lr,
         guidance_scale=args.guidance_scale,
+        fake_guidance_scale=args.fake_guidance_scale,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
         optimizer=args.optimizer,

@@ -406,7 +406,8 @@ def vsd_step(state: VSDState) -> dict[str, float]:
         g_loss, _ = generator_loss(x0, state.real, state.fake, cond, state.null, state.scheduler,
                                    config.guidance_scale, state.generator, t_range=config.t_range,
                                    reduction=config.generator_loss_reduction,
-                                   normalize=config.normalize_generator_grad)
+                                   normalize=config.normalize_generator_grad,
+                                   fake_guidance_scale=config.fake_guidance_scale)
     # (7) A non-finite loss stops before any update; the last checkpoint stays as it is.
     g_value = _check_finite(g_loss, "generator loss", where, state.last_checkpoint)
     accelerator.backward(g_loss)
