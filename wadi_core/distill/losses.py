@@ -146,7 +146,10 @@ def generator_loss(
         # 3. Real (teacher) and fake scores with CFG, the fake at the real's scale unless told otherwise.
         fake_scale = guidance_scale if fake_guidance_scale is None else fake_guidance_scale
         eps_real = cfg_epsilon(real_unet, x_t, t, cond, null, guidance_scale)  # (B, C, H, W)
-        eps_fake = cfg_epsilon(fake_unet, x_t, t, cond, null, fake_scale)  # (B, C, H, W)
+        if fake_scale == 1.0:  # unguided: the conditional branch alone (half the fake score's forward cost)
+            eps_fake = predict_epsilon(fake_unet, x_t, t, cond)  # (B, C, H, W)
+        else:
+            eps_fake = cfg_epsilon(fake_unet, x_t, t, cond, null, fake_scale)  # (B, C, H, W)
         # 4. g_t = σ_t² (ε_real − ε_fake), σ_t² broadcast per sample; non-finite entries made finite.
         sigma2 = 1 - _per_sample(scheduler.alphas_cumprod, t, x0)  # (B, 1, 1, 1)
         g = torch.nan_to_num(sigma2 * (eps_real.to(x0.dtype) - eps_fake.to(x0.dtype)))  # (B, C, H, W)
