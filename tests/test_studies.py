@@ -21,6 +21,17 @@ from wadi_core.distill import (
 )
 
 
+def counting_score():
+    """A scorer whose FID is the number of students it has scored so far, and the list of those students."""
+    seen = []
+
+    def score(student):
+        seen.append(student)
+        return {"FID": float(len(seen))}
+
+    return score, seen
+
+
 def test_record_is_computed_once_then_read(tmp_path, monkeypatch):
     monkeypatch.setenv("WADI_DATA_DIR", str(tmp_path))
     calls = []
@@ -57,11 +68,7 @@ def test_sweep_config_sets_lr_and_budget(smoke_profile):
 
 def test_lr_sweep_trains_each_point_once(smoke_profile):
     backbone = load_backbone(smoke_profile.backbone)
-    seen = []
-
-    def score(student):
-        seen.append(student)
-        return {"FID": float(len(seen))}
+    score, seen = counting_score()
 
     sweep = lr_sweep(smoke_profile, backbone, score, {"scorer": "count"}, methods=("lorad",), progress=False)
     assert list(sweep["lr"]) == list(smoke_profile.distill.lr_sweep) and list(sweep["FID"]) == [1.0, 2.0]
@@ -73,11 +80,7 @@ def test_lr_sweep_trains_each_point_once(smoke_profile):
 
 def test_recipe_study_scores_each_variant_once_with_its_overrides(smoke_profile):
     backbone = load_backbone(smoke_profile.backbone)
-    seen = []
-
-    def score(student):
-        seen.append(student)
-        return {"FID": float(len(seen))}
+    score, seen = counting_score()
 
     variants = {"short": {"steps": 1}, "short, fake rank 2": {"steps": 1, "fake_rank": 2}}
     study = recipe_study(smoke_profile, backbone, variants, score, {"scorer": "count"}, progress=False)

@@ -36,16 +36,19 @@ def sweep_config(profile: Profile, method: str, lr: float, **overrides) -> VSDCo
 
 
 def _scored_student(profile: Profile, backbone, config: VSDConfig, score: Scorer, score_key: dict, kind: str,
-                    label: str, progress: bool) -> dict[str, float]:
-    """Scores of a student distilled with ``config`` on the training captions, cached as a ``kind`` record keyed by
-    the student's artifact key and ``score_key``; the student itself is not bundled."""
+                    label: str, progress: bool, bundled: Callable[[], nn.Module] | None = None) -> dict[str, float]:
+    """Scores of a student distilled with ``config`` on the training captions (or of ``bundled()``, the bundled
+    student of that config), cached as a ``kind`` record keyed by the student's artifact key and ``score_key``."""
     prompts = sorted(set(make_split("train", profile.world).captions))
     student_key = _artifact_key(backbone, prompts, config)
 
     def compute() -> dict[str, float]:
-        run_dir = cache_dir() / "vsd" / artifact_path(STUDENT_KIND, student_key).stem
-        result = distill(backbone, prompts, config, run_dir, progress=progress)
-        student = result.ema_student or result.student
+        if bundled is not None:
+            student = bundled()
+        else:
+            run_dir = cache_dir() / "vsd" / artifact_path(STUDENT_KIND, student_key).stem
+            result = distill(backbone, prompts, config, run_dir, progress=progress)
+            student = result.ema_student or result.student
         return {name: float(value) for name, value in score(student.eval()).items()}
 
     return load_or_compute_record(kind, {"student": student_key, "score": score_key}, compute, label=label)
@@ -89,23 +92,16 @@ def seed_runs(profile: Profile, backbone, method: str, score: Scorer, score_key:
     """One row per seed of ``DistillConfig.seeds``: the scores of the ``method`` student (optionally ``rank``
     and recipe ``overrides``, e.g. its best ``student_lr``) trained with that seed. The profile's own seed is the
     bundled student (:func:`~.students.load_or_train_student`); the other seeds are scored and kept as records."""
+
+    def bundled_student() -> nn.Module:
+        return load_or_train_student(profile, backbone, method, rank, **overrides).model
+
     rows = []
     for seed in tqdm(profile.distill.seeds, desc=f"{method} seeds", disable=not progress):
         config = student_config(profile.distill, method, rank, **{**overrides, "seed": seed})
-        prompts = sorted(set(make_split("train", profile.world).captions))
-        student_key = _artifact_key(backbone, prompts, config)
-
-        def compute(seed: int = seed, config: VSDConfig = config, student_key: dict = student_key) -> dict:
-            if seed == profile.distill.seed:
-                student = load_or_train_student(profile, backbone, method, rank, **overrides).model
-            else:
-                run_dir = cache_dir() / "vsd" / artifact_path(STUDENT_KIND, student_key).stem
-                result = distill(backbone, prompts, config, run_dir, progress=False)
-                student = result.ema_student or result.student
-            return {name: float(value) for name, value in score(student.eval()).items()}
-
-        record = load_or_compute_record(SEED_KIND, {"student": student_key, "score": score_key}, compute,
-                                        label=f"{method} student (seed {seed})")
+        bundled = bundled_student if seed == profile.distill.seed else None
+        record = _scored_student(profile, backbone, config, score, score_key, SEED_KIND,
+                                 f"{method} student (seed {seed})", progress=False, bundled=bundled)
         rows.append({"method": method, "rank": config.student_rank, "seed": seed, **record})
     return pd.DataFrame(rows)
 
