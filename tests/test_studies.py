@@ -6,19 +6,25 @@ import json
 import pandas as pd
 import pytest
 import torch
+from transformers import CLIPModel
 
 from wadi_core.artifacts import ArtifactError, load_or_compute_record
 from wadi_core.backbones import load_backbone
+from wadi_core.backbones.tiny import clip_model_config, train_tokenizer
 from wadi_core.distill import (
     best_lrs,
     beyond_spread,
     load_or_train_student,
     lr_sweep,
+    one_step_generate,
     recipe_study,
     seed_runs,
     seed_summary,
     sweep_config,
 )
+from wadi_core.eval import ShapesFeatureNet, save_images, score_images, student_scorer
+from wadi_core.profiles import ClipTrainConfig
+from wadi_core.world import make_split
 
 
 def counting_score():
@@ -125,3 +131,26 @@ def test_seed_runs_score_each_seed_and_bundle_the_profiles_own(smoke_profile):
     again = seed_runs(smoke_profile, backbone, "lorad", score, {"scorer": "seeds"}, progress=False)
     pd.testing.assert_frame_equal(runs, again)
     assert len(firsts) == 2
+
+
+def test_student_scorer_scores_one_step_images_and_keys_what_determines_them(smoke_profile, tmp_path):
+    backbone = load_backbone(smoke_profile.backbone)
+    real = make_split("coco14-like", smoke_profile.world)
+    reference = tmp_path / "reference"
+    save_images(real.images.float() / 255, reference)
+    torch.manual_seed(0)
+    net = ShapesFeatureNet(feature_dim=16).eval()
+    tokenizer = train_tokenizer(real.captions, ClipTrainConfig())
+    clip = CLIPModel(clip_model_config(ClipTrainConfig(), tokenizer, 32)).eval()
+    prompts = real.captions[:8]
+
+    def scorer(prompts, seed):
+        return student_scorer(backbone, prompts, reference, features=net, clip=clip, tokenizer=tokenizer, seed=seed)
+
+    score, key = scorer(prompts, 3)
+    student = load_or_train_student(smoke_profile, backbone, "lorad").model
+    expected = score_images(one_step_generate(student, backbone, prompts, 3), prompts, reference, features=net,
+                            clip=clip, tokenizer=tokenizer, precision_recall_k=3)
+    assert score(student) == pytest.approx(expected)
+    assert key == scorer(list(prompts), 3)[1]
+    assert key != scorer(prompts, 4)[1] and key != scorer(prompts[:4], 3)[1]

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import CLIPModel, CLIPTokenizer
 
+from ..artifacts import module_digest
+from ..distill import one_step_generate
 from .attributes import attribute_accuracy
 from .clip_score import PaperClipScorer, clip_score, clip_score_paper
 from .features import ShapesFeatureNet
@@ -54,3 +59,21 @@ def score_images(images: torch.Tensor, prompts: list[str], reference: Path, *, f
     if features is not None:
         scores.update({f"acc. {key}": value for key, value in attribute_accuracy(features, images, prompts).items()})
     return scores
+
+
+def student_scorer(backbone, prompts: list[str], reference: Path, *, features: ShapesFeatureNet, clip: CLIPModel,
+                   tokenizer: CLIPTokenizer, seed: int, precision_recall_k: int = 3,
+                   name: str = "student") -> tuple[Callable[[torch.nn.Module], dict[str, float]], dict]:
+    """``(score, score_key)`` for notebook 03's studies (:mod:`wadi_core.distill.studies`): ``score(student)`` is
+    :func:`score_images` of the student's one-step images of ``prompts`` on the noise of ``seed``, and
+    ``score_key`` names what determines it besides the student (the prompts' hash, the seed, the feature network's
+    digest, ``k``), so that a record scored by one caller is read back by another."""
+
+    def score(student: torch.nn.Module) -> dict[str, float]:
+        images = one_step_generate(student, backbone, prompts, seed)
+        return score_images(images, prompts, reference, features=features, clip=clip, tokenizer=tokenizer,
+                            precision_recall_k=precision_recall_k, name=name)
+
+    key = {"prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16], "seed": seed,
+           "features": module_digest(features), "precision_recall_k": precision_recall_k}
+    return score, key
