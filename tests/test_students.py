@@ -11,6 +11,7 @@ from diffusers import UNet2DConditionModel
 from wadi_core import artifacts
 from wadi_core.adapters import adapter_config, adapter_modules, count_trainable, merged_copy
 from wadi_core.backbones import load_tiny_backbone
+from wadi_core.backbones.counts import count_adapter_parameters
 from wadi_core.distill import (
     STUDENT_METHODS,
     VSDConfig,
@@ -60,6 +61,19 @@ def test_student_config_takes_method_rank_and_lr_from_the_profile():
     assert student_config(distill, "lorad", rank=5).student_rank == 5
     assert student_config(distill, "full").student_lr == lrs["full"]
     assert student_config(distill, "lorad", fake_updates_per_step=1).fake_updates_per_step == 1
+
+
+def test_latent_profile_recipe_holds_the_papers_shares_and_its_named_deviations():
+    profile = get_profile("tiny-latent")
+    assert profile.backbone == "tiny"
+    unet = UNet2DConditionModel.from_pretrained(artifacts.REPO_ROOT / "data" / "tiny_sd" / "unet")
+    wadi, lora = (student_config(profile.distill, method) for method in ("lorad", "lora"))
+    _, wadi_count, total = count_adapter_parameters(unet, "lorad", wadi.student_rank)
+    _, lora_count, _ = count_adapter_parameters(unet, "lora", lora.student_rank)
+    assert wadi_count / total == pytest.approx(0.0975, abs=0.002)  # paper: 83.8 M of SD1.5's 859.5 M
+    assert 1.3 < lora_count / wadi_count < 1.5  # paper's adapter ablation: 1.44×
+    assert (wadi.fake_method, wadi.fake_guidance_scale, wadi.guidance_scale) == ("full", 1.0, 3.0)
+    assert student_config(get_profile("tiny").distill, "lorad").fake_guidance_scale is None
 
 
 def test_paper_profile_distill_recipe_is_the_official_loop():
