@@ -9,9 +9,10 @@ import torch
 from transformers import CLIPModel
 
 from wadi_core.artifacts import ArtifactError, load_or_compute_record
-from wadi_core.backbones import load_backbone
+from wadi_core.backbones import load_backbone, load_or_train_tiny_clip
 from wadi_core.backbones.tiny import clip_model_config, train_tokenizer
 from wadi_core.distill import (
+    STUDENT_METHODS,
     best_lrs,
     beyond_spread,
     load_or_train_student,
@@ -22,8 +23,15 @@ from wadi_core.distill import (
     seed_summary,
     sweep_config,
 )
-from wadi_core.eval import ShapesFeatureNet, save_images, score_images, student_scorer
-from wadi_core.profiles import ClipTrainConfig
+from wadi_core.eval import (
+    ShapesFeatureNet,
+    load_or_train_feature_net,
+    reference_folder,
+    save_images,
+    score_images,
+    student_scorer,
+)
+from wadi_core.profiles import ClipTrainConfig, get_profile
 from wadi_core.world import make_split
 
 
@@ -154,3 +162,18 @@ def test_student_scorer_scores_one_step_images_and_keys_what_determines_them(smo
     assert score(student) == pytest.approx(expected)
     assert key == scorer(list(prompts), 3)[1]
     assert key != scorer(prompts, 4)[1] and key != scorer(prompts[:4], 3)[1]
+
+
+def test_latent_profile_lrs_are_the_best_of_its_committed_sweep(monkeypatch):
+    monkeypatch.setenv("WADI_NO_TRAIN", "1")  # every sweep point must be a committed record
+    profile = get_profile("tiny-latent")
+    backbone = load_backbone(profile.backbone)
+    clip = load_or_train_tiny_clip(profile)
+    reader = load_or_train_feature_net(profile).model
+    real = make_split("coco14-like", profile.world)
+    score, key = student_scorer(backbone, real.captions[: profile.distill.eval_prompts],
+                                reference_folder(real, profile.world), features=reader, clip=clip.model,
+                                tokenizer=clip.tokenizer, seed=profile.distill.seed)
+    sweep = lr_sweep(profile, backbone, score, key, progress=False)
+    assert len(sweep) == len(STUDENT_METHODS) * len(profile.distill.lr_sweep)
+    assert best_lrs(sweep) == dict(profile.distill.student_lrs)
