@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import CLIPModel
 
-from wadi_core.artifacts import ArtifactError, load_or_compute_record
+from wadi_core.artifacts import REPO_ROOT, ArtifactError, load_or_compute_record
 from wadi_core.backbones import load_backbone, load_or_train_tiny_clip
 from wadi_core.backbones.tiny import clip_model_config, train_tokenizer
 from wadi_core.distill import (
@@ -165,6 +165,7 @@ def test_student_scorer_scores_one_step_images_and_keys_what_determines_them(smo
 
 
 def test_latent_profile_lrs_are_the_best_of_its_committed_sweep(monkeypatch):
+    monkeypatch.setenv("WADI_DATA_DIR", str(REPO_ROOT / "data"))  # the committed records, not the smoke fixture's
     monkeypatch.setenv("WADI_NO_TRAIN", "1")  # every sweep point must be a committed record
     profile = get_profile("tiny-latent")
     backbone = load_backbone(profile.backbone)
