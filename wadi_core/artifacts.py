@@ -91,6 +91,11 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:12]
 
 
+def prompts_digest(prompts: list[str]) -> str:
+    """SHA-256 (first 16 hex digits) of a prompt list's JSON, in order: keys an artifact or record on its prompts."""
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
+
+
 def module_digest(module: torch.nn.Module) -> str:
     """SHA-256 (first 16 hex digits) of a module's parameters and buffers (names, shapes, values): keys an
     artifact on the exact weights it was derived from."""

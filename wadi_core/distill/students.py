@@ -34,7 +34,15 @@ from torch import nn
 from tqdm import tqdm
 
 from ..adapters import inject, merged_copy
-from ..artifacts import TrainedModel, artifact_path, atomic_path, cache_dir, load_or_train, module_digest
+from ..artifacts import (
+    TrainedModel,
+    artifact_path,
+    atomic_path,
+    cache_dir,
+    load_or_train,
+    module_digest,
+    prompts_digest,
+)
 from ..backbones.denoisers import check_denoiser_matches
 from ..diffusion import one_step_x0
 from ..profiles import DistillConfig, Profile
@@ -112,7 +120,7 @@ def _artifact_key(backbone, prompts: list[str], config: VSDConfig) -> dict:
     return {
         "teacher": module_digest(backbone.denoiser),
         "text_encoder": module_digest(backbone.text_encoder),
-        "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
+        "prompts": prompts_digest(prompts),
         "vsd": config.key_dict(),
     }
 

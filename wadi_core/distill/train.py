@@ -18,14 +18,13 @@ continues the run); Ctrl-C keeps the last checkpoint.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from ..artifacts import atomic_path, module_digest
+from ..artifacts import atomic_path, module_digest, prompts_digest
 from .config import MIXED_PRECISION, OPTIMIZERS, VSDConfig
 from .prompts import PROMPT_CACHE_NAME, load_prompts
 from .students import distill, export_student
@@ -232,10 +231,6 @@ def resolve_config(args: argparse.Namespace, backbone, num_processes: int, cuda:
     return VSDConfig(**{**defaults, **_given_fields(args, num_processes)})
 
 
-def _prompts_digest(prompts: list[str]) -> str:
-    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
-
-
 def _check_resumable(out_dir: Path, run: dict) -> None:
     """A checkpoint in ``out_dir`` must come from the same teacher and prompts (``resume_vsd`` checks the rest)."""
     checkpoint, args_path = latest_checkpoint(out_dir), out_dir / ARGS_NAME
@@ -285,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompts": str(Path(args.prompts).resolve()),
         "max_prompts": args.max_prompts,
         "num_prompts": len(prompts),
-        "prompts_digest": _prompts_digest(prompts),
+        "prompts_digest": prompts_digest(prompts),
         "num_processes": process.num_processes,
         "batch_size_per_process": args.batch_size_per_process,
         "vsd_config": config.to_dict(),

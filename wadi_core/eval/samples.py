@@ -6,7 +6,6 @@ reads them."""
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from ..artifacts import (
     cached,
     load_checkpoint,
     module_digest,
+    prompts_digest,
     save_checkpoint,
     training_allowed,
 )
@@ -63,7 +63,7 @@ def samples_key(backbone: Backbone, prompts: Sequence[str], num_inference_steps:
         "timesteps": ddim.timesteps.tolist(),
         "teacher": module_digest(backbone.denoiser),
         "text_encoder": module_digest(backbone.text_encoder),
-        "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
+        "prompts": prompts_digest(prompts),
         "tokens": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16],
         "image_size": [config.in_channels, config.sample_size, config.sample_size],
         "num_inference_steps": int(num_inference_steps),

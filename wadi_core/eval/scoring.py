@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import CLIPModel, CLIPTokenizer
 
-from ..artifacts import module_digest
+from ..artifacts import module_digest, prompts_digest
 from ..distill import one_step_generate
 from .attributes import attribute_accuracy
 from .clip_score import PaperClipScorer, clip_score, clip_score_paper
@@ -74,6 +72,6 @@ def student_scorer(backbone, prompts: list[str], reference: Path, *, features: S
         return score_images(images, prompts, reference, features=features, clip=clip, tokenizer=tokenizer,
                             precision_recall_k=precision_recall_k, name=name)
 
-    key = {"prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16], "seed": seed,
+    key = {"prompts": prompts_digest(prompts), "seed": seed,
            "features": module_digest(features), "precision_recall_k": precision_recall_k}
     return score, key
