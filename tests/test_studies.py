@@ -19,6 +19,7 @@ from wadi_core.distill import (
     lr_sweep,
     one_step_generate,
     recipe_study,
+    regression_ceiling,
     seed_runs,
     seed_summary,
     sweep_config,
@@ -139,6 +140,22 @@ def test_seed_runs_score_each_seed_and_bundle_the_profiles_own(smoke_profile):
     again = seed_runs(smoke_profile, backbone, "lorad", score, {"scorer": "seeds"}, progress=False)
     pd.testing.assert_frame_equal(runs, again)
     assert len(firsts) == 2
+
+
+def test_regression_ceiling_fits_the_teacher_samples_and_is_kept_as_a_record(smoke_profile):
+    backbone = load_backbone(smoke_profile.backbone)
+    score, seen = counting_score()
+
+    record = regression_ceiling(smoke_profile, backbone, score, {"scorer": "count"}, pairs=8, steps=30, lr=1e-2,
+                                progress=False)
+    assert record["FID"] == 1.0 and not seen[0].training
+    assert record["pair_mse_fitted"] < record["pair_mse_at_init"]  # the student moved toward the teacher's samples
+    again = regression_ceiling(smoke_profile, backbone, score, {"scorer": "count"}, pairs=8, steps=30, lr=1e-2,
+                               progress=False)
+    assert again == record and len(seen) == 1  # read back from its record
+    regression_ceiling(smoke_profile, backbone, score, {"scorer": "count"}, pairs=8, steps=31, lr=1e-2,
+                       progress=False)
+    assert len(seen) == 2  # another budget is another record
 
 
 def test_student_scorer_scores_one_step_images_and_keys_what_determines_them(smoke_profile, tmp_path):

@@ -61,11 +61,12 @@ from .studies import (  # noqa: E402
     beyond_spread,
     lr_sweep,
     recipe_study,
+    regression_ceiling,
     seed_runs,
     seed_summary,
     sweep_config,
     sweep_point,
 )
 
-__all__ += ["beyond_spread", "best_lrs", "lr_sweep", "recipe_study", "seed_runs", "seed_summary", "sweep_config",
-            "sweep_point"]
+__all__ += ["beyond_spread", "best_lrs", "lr_sweep", "recipe_study", "regression_ceiling", "seed_runs", "seed_summary",
+            "sweep_config", "sweep_point"]

@@ -14,18 +14,31 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import pandas as pd
+import torch
 from torch import nn
 from tqdm import tqdm
 
 from ..artifacts import artifact_path, cache_dir, load_or_compute_record
+from ..backbones.backbone import sample_ddim
+from ..diffusion import one_step_x0
 from ..profiles import Profile
 from ..world import make_split
 from .config import VSDConfig
-from .students import STUDENT_KIND, STUDENT_METHODS, _artifact_key, distill, load_or_train_student, student_config
+from .students import (
+    STUDENT_KIND,
+    STUDENT_METHODS,
+    _artifact_key,
+    _new_student,
+    distill,
+    load_or_train_student,
+    prompt_embeddings,
+    student_config,
+)
 
 SWEEP_KIND = "sweep_scores"
 SEED_KIND = "seed_scores"
 RECIPE_KIND = "recipe_scores"
+CEILING_KIND = "ceiling_scores"
 
 Scorer = Callable[[nn.Module], dict[str, float]]
 
@@ -132,3 +145,64 @@ def beyond_spread(summary: pd.DataFrame, better: str, worse: str, metric: str = 
     a, b = summary.loc[better], summary.loc[worse]
     gap = (b[metric] - a[metric]) if lower_is_better else (a[metric] - b[metric])
     return bool(gap > a[f"{metric} ±"] + b[f"{metric} ±"])
+
+
+def regression_ceiling(profile: Profile, backbone, score: Scorer, score_key: dict, method: str = "lorad",
+                       pairs: int = 1024, steps: int | None = None, lr: float | None = None,
+                       progress: bool = True) -> dict[str, float]:
+    """Scores of a one-step student fitted by **regression** to the teacher's own samples instead of by VSD: what
+    the student (the profile's ``method`` adapter on the teacher) can express in one step when it is told the
+    answer, an upper reference for the VSD students of the same budget.
+
+    ``pairs`` (noise z, training caption) pairs, the captions cycled in order and z drawn from the profile's
+    distillation seed, are sampled with the multi-step teacher (``profile.sampling.num_inference_steps`` DDIM steps
+    at the distillation's ``guidance_scale``); the student then minimises ‖x0(z, c) − x0_teacher(z, c)‖² over
+    random batches of them (the ODE pairs of DMD's regression loss, here the only loss), ``steps`` steps
+    (default: the distillation's) of AdamW at ``lr`` (default: the method's student lr), batch and clipping as in
+    distillation. Cached as a ``ceiling_scores`` record keyed by everything that determines it and ``score_key``:
+    the scores of the fitted student, and ``pair_mse_at_init`` / ``pair_mse_fitted``, its mean squared x0 error over
+    all pairs before and after fitting.
+    """
+    config = student_config(profile.distill, method, **({} if lr is None else {"student_lr": lr}),
+                            **({} if steps is None else {"steps": steps}))
+    sampling = profile.sampling
+    prompts = sorted(set(make_split("train", profile.world).captions))
+    key = {"student": _artifact_key(backbone, prompts, config), "pairs": pairs,
+           "teacher_steps": sampling.num_inference_steps, "score": score_key}
+
+    def compute() -> dict[str, float]:
+        generator = torch.Generator().manual_seed(config.seed)
+        embeds = prompt_embeddings(backbone, prompts)
+        cond = embeds[torch.arange(pairs) % len(prompts)]
+        z = torch.randn(pairs, *backbone.latent_shape, generator=generator)
+        targets = sample_ddim(backbone.denoiser, backbone.scheduler, cond, backbone.null_embedding(),
+                              sampling.num_inference_steps, config.guidance_scale, config.seed,
+                              sampling.batch_size, progress, noise=z)
+        student = _new_student(backbone.denoiser, config)
+
+        def x0(index: torch.Tensor) -> torch.Tensor:
+            return one_step_x0(student, z[index], cond[index], backbone.scheduler, backbone.one_step_alpha_bar)
+
+        @torch.no_grad()
+        def mse_over_pairs() -> float:
+            chunks = torch.arange(pairs).split(sampling.batch_size)
+            return sum(float((x0(i) - targets[i]).square().sum()) for i in chunks) / targets.numel()
+
+        mse_at_init = mse_over_pairs()
+        params = [p for p in student.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.student_lr, betas=(0.9, 0.999), weight_decay=0.0)
+        student.train()
+        bar = tqdm(range(config.steps), desc=f"{method} regression to the teacher", disable=not progress)
+        for _ in bar:
+            index = torch.randint(0, pairs, (config.batch_size,), generator=generator)
+            loss = torch.nn.functional.mse_loss(x0(index), targets[index])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.set_postfix(mse=f"{loss.item():.4f}")
+        student.eval()
+        scores = {name: float(value) for name, value in score(student).items()}
+        return {**scores, "pair_mse_at_init": mse_at_init, "pair_mse_fitted": mse_over_pairs()}
+
+    return load_or_compute_record(CEILING_KIND, key, compute, label=f"{method} regression ceiling")
