@@ -34,6 +34,7 @@ from .students import (
     prompt_embeddings,
     student_config,
 )
+from .vsd import _optimizer, _trainable
 
 SWEEP_KIND = "sweep_scores"
 SEED_KIND = "seed_scores"
@@ -189,8 +190,8 @@ def regression_ceiling(profile: Profile, backbone, score: Scorer, score_key: dic
             return sum(float((x0(i) - targets[i]).square().sum()) for i in chunks) / targets.numel()
 
         mse_at_init = mse_over_pairs()
-        params = [p for p in student.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.student_lr, betas=(0.9, 0.999), weight_decay=0.0)
+        params = list(_trainable(student).values())
+        optimizer = _optimizer(config, params, config.student_lr)
         student.train()
         bar = tqdm(range(config.steps), desc=f"{method} regression to the teacher", disable=not progress)
         for _ in bar:
