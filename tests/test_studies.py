@@ -23,6 +23,7 @@ from wadi_core.distill import (
     seed_runs,
     seed_summary,
     sweep_config,
+    world_study,
 )
 from wadi_core.eval import (
     ShapesFeatureNet,
@@ -158,6 +159,34 @@ def test_regression_ceiling_fits_the_teacher_samples_and_is_kept_as_a_record(smo
     assert len(seen) == 2  # another budget is another record
 
 
+def test_world_study_scores_each_world_against_its_own_teacher_and_keeps_the_table_as_records(smoke_profile):
+    prompts = make_split("coco14-like", smoke_profile.world).captions[:4]
+    scored = []
+
+    def evaluate(images):  # mean brightness as a stand-in FID: the table must carry each world's own numbers
+        assert images.shape == (len(prompts), 3, smoke_profile.world.resolution, smoke_profile.world.resolution)
+        scored.append(images)
+        return {"FID": float(images.mean()) + 1.0}
+
+    steps = {"pixel": 2, "pixel_sd15_attention": 3, "latent": 2}
+    table = world_study(smoke_profile, prompts, evaluate, {"scorer": "brightness"}, steps,
+                        sd15_attention_teacher_steps=4, progress=False)
+    assert list(table.index) == ["pixel", "pixel_sd15_attention", "latent"] and len(scored) == 6
+    assert table["vsd_steps"].tolist() == [2, 3, 2]
+    assert table.loc["pixel_sd15_attention", "teacher_steps"] == 4
+    assert table.loc["latent", "teacher_steps"] == smoke_profile.latent_teacher.steps
+    fids = [float(images.mean()) + 1.0 for images in scored]
+    assert table["teacher FID"].tolist() == pytest.approx(fids[0::2])
+    assert table["student FID"].tolist() == pytest.approx(fids[1::2])
+    assert table["FID ratio"].tolist() == pytest.approx([s / t for t, s in zip(fids[0::2], fids[1::2])])
+    again = world_study(smoke_profile, prompts, evaluate, {"scorer": "brightness"}, steps,
+                        sd15_attention_teacher_steps=4, progress=False)
+    pd.testing.assert_frame_equal(again, table)
+    assert len(scored) == 6  # read back from the records, nothing sampled or trained again
+    with pytest.raises(ValueError, match="one step count per world"):
+        world_study(smoke_profile, prompts, evaluate, {}, {"pixel": 2}, sd15_attention_teacher_steps=4)
+
+
 def test_student_scorer_scores_one_step_images_and_keys_what_determines_them(smoke_profile, tmp_path):
     backbone = load_backbone(smoke_profile.backbone)
     real = make_split("coco14-like", smoke_profile.world)
@@ -189,7 +218,7 @@ def test_latent_profile_lrs_are_the_best_of_its_committed_sweep(monkeypatch):
     clip = load_or_train_tiny_clip(profile)
     reader = load_or_train_feature_net(profile).model
     real = make_split("coco14-like", profile.world)
-    score, key = student_scorer(backbone, real.captions[: profile.distill.eval_prompts],
+    score, key = student_scorer(backbone, real.captions[: profile.distill.lr_sweep_prompts],
                                 reference_folder(real, profile.world), features=reader, clip=clip.model,
                                 tokenizer=clip.tokenizer, seed=profile.distill.seed)
     sweep = lr_sweep(profile, backbone, score, key, progress=False)

@@ -66,7 +66,9 @@ from .studies import (  # noqa: E402
     seed_summary,
     sweep_config,
     sweep_point,
+    world_recipes,
+    world_study,
 )
 
 __all__ += ["beyond_spread", "best_lrs", "lr_sweep", "recipe_study", "regression_ceiling", "seed_runs", "seed_summary",
-            "sweep_config", "sweep_point"]
+            "sweep_config", "sweep_point", "world_recipes", "world_study"]

@@ -12,6 +12,7 @@ only where a difference exceeds the spread.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 import pandas as pd
 import torch
@@ -31,6 +32,7 @@ from .students import (
     _new_student,
     distill,
     load_or_train_student,
+    one_step_generate,
     prompt_embeddings,
     student_config,
 )
@@ -207,3 +209,79 @@ def regression_ceiling(profile: Profile, backbone, score: Scorer, score_key: dic
         return {**scores, "pair_mse_at_init": mse_at_init, "pair_mse_fitted": mse_over_pairs()}
 
     return load_or_compute_record(CEILING_KIND, key, compute, label=f"{method} regression ceiling")
+
+
+WORLD_KIND = "world_scores"
+WORLD_NAMES = ("pixel", "pixel_sd15_attention", "latent")
+ImageScorer = Callable[[torch.Tensor], dict[str, float]]
+
+
+def world_recipes(profile: Profile, sd15_attention_teacher_steps: int) -> dict[str, dict]:
+    """What defines each candidate tiny world of :func:`world_study`: its teacher recipe, and the VAE's for the
+    latent one (the three worlds of :mod:`wadi_core.benchmarks.worlds`)."""
+    pixel_sd15 = replace(profile.latent_teacher, steps=sd15_attention_teacher_steps)
+    return {"pixel": {"teacher": profile.teacher}, "pixel_sd15_attention": {"teacher": pixel_sd15},
+            "latent": {"teacher": profile.latent_teacher, "vae": profile.vae}}
+
+
+def _world_backbone(profile: Profile, world: str, recipe: dict):
+    from ..backbones import load_tiny_backbone, load_tiny_sd_backbone
+
+    if world == "latent":
+        return load_tiny_sd_backbone(profile)
+    return load_tiny_backbone(replace(profile, teacher=recipe["teacher"]), name=f"tiny-{world.replace('_', '-')}")
+
+
+def world_study(profile: Profile, prompts: Sequence[str], evaluate: ImageScorer, evaluate_key: dict,
+                vsd_steps: Mapping[str, int], sd15_attention_teacher_steps: int, method: str = "lorad",
+                seed: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """Which tiny world shows one-step distillation best: the same short distillation of the ``method`` student,
+    at one CPU budget, on (a) the pixel teacher, (b) a pixel teacher with SD1.5's attention pattern and (c) the
+    latent tiny SD, each student's FID set against its own teacher's.
+
+    Each world's teacher is its recipe of :func:`world_recipes` (the pixel and latent teachers are the profile's
+    bundled ones; (b) is trained for ``sd15_attention_teacher_steps``, the steps that fit in the latent teacher's
+    training time); the student is the profile's ``method`` recipe run for ``vsd_steps[world]`` generator steps
+    (the steps that fit in one CPU budget, :func:`wadi_core.benchmarks.worlds.add_equal_budget_columns`). The
+    teacher samples ``prompts`` with ``profile.sampling.num_inference_steps`` DDIM steps at the distillation's
+    guidance, the student in one step, both from the noise of ``seed`` (default: the distillation's), and
+    ``evaluate`` scores the images (e.g. :func:`wadi_core.eval.score_images` on those prompts; ``evaluate_key``
+    names what determines it). Each world is one ``world_scores`` record keyed by its recipes, so the table is read
+    back without its teachers.
+
+    Returns:
+        One row per world: ``teacher_steps``, ``vsd_steps``, ``teacher <score>`` and ``student <score>`` for every
+        score, and ``FID ratio`` (student over teacher).
+    """
+    if set(vsd_steps) != set(WORLD_NAMES):
+        raise ValueError(f"vsd_steps needs one step count per world {WORLD_NAMES}, got {sorted(vsd_steps)}")
+    seed = profile.distill.seed if seed is None else seed
+    guidance = profile.distill.guidance_scale
+    sampling_steps = profile.sampling.num_inference_steps
+    rows = []
+    for world, recipe in world_recipes(profile, sd15_attention_teacher_steps).items():
+        config = student_config(profile.distill, method, steps=vsd_steps[world])
+        key = {"world": world, "data": profile.world, "clip": profile.clip, **recipe, "vsd": config.key_dict(),
+               "teacher_sampling": {"steps": sampling_steps, "guidance_scale": guidance}, "seed": seed,
+               "prompts": len(prompts), "score": evaluate_key}
+
+        def compute(world=world, recipe=recipe, config=config) -> dict[str, float]:
+            backbone = _world_backbone(profile, world, recipe)
+            train_prompts = sorted(set(make_split("train", profile.world).captions))
+            run_dir = cache_dir() / "vsd" / artifact_path(STUDENT_KIND, _artifact_key(backbone, train_prompts,
+                                                                                      config)).stem
+            result = distill(backbone, train_prompts, config, run_dir, progress=progress)
+            student = (result.ema_student or result.student).eval()
+            teacher_images = backbone.sample(list(prompts), sampling_steps, guidance, seed=seed,
+                                             batch_size=profile.sampling.batch_size, progress=progress)
+            student_images = one_step_generate(student, backbone, list(prompts), seed)
+            scores = {f"teacher {name}": float(value) for name, value in evaluate(teacher_images).items()}
+            scores.update({f"student {name}": float(value) for name, value in evaluate(student_images).items()})
+            return scores
+
+        record = load_or_compute_record(WORLD_KIND, key, compute, label=f"{method} student of the {world} world")
+        scores = {name: record[name] for name in sorted(record, key=lambda name: (name.startswith("student "), name))}
+        rows.append({"world": world, "teacher_steps": recipe["teacher"].steps, "vsd_steps": config.steps, **scores})
+    table = pd.DataFrame(rows).set_index("world")
+    table["FID ratio"] = table["student FID"] / table["teacher FID"]
+    return table
