@@ -65,7 +65,7 @@ def test_no_train_switch_forbids_training(data_dir, monkeypatch):
 
 def test_profiles_are_known_and_paper_needs_a_gpu():
     assert get_profile("smoke").teacher.steps < get_profile("tiny").teacher.steps
-    with pytest.raises(ValueError, match="smoke, tiny, tiny-latent, paper-smoke, paper"):
+    with pytest.raises(ValueError, match="smoke, tiny, paper-smoke, paper"):
         get_profile("huge")
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="needs a GPU and model-hub access"):

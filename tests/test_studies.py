@@ -213,7 +213,7 @@ def test_student_scorer_scores_one_step_images_and_keys_what_determines_them(smo
 def test_latent_profile_lrs_are_the_best_of_its_committed_sweep(monkeypatch):
     monkeypatch.setenv("WADI_DATA_DIR", str(REPO_ROOT / "data"))  # the committed records, not the smoke fixture's
     monkeypatch.setenv("WADI_NO_TRAIN", "1")  # every sweep point must be a committed record
-    profile = get_profile("tiny-latent")
+    profile = get_profile("tiny")
     backbone = load_backbone(profile.backbone)
     clip = load_or_train_tiny_clip(profile)
     reader = load_or_train_feature_net(profile).model

@@ -102,9 +102,9 @@ def test_tiny_smoke_is_the_latent_tiny_sd_from_its_folder(tiny_sd, latent):
         assert torch.equal(latent.clip.state_dict()[name], tensor), name
 
 
-def test_tiny_pixel_smoke_is_the_pixel_world_of_before(tiny_sd, pixel):
+def test_tiny_pixel_smoke_is_the_pixel_world_that_world_study_compares(tiny_sd, pixel):
     profile, clip, *_ = tiny_sd
-    assert profile.backbone == "tiny-pixel-smoke" and get_profile("tiny").backbone == "tiny-pixel"
+    assert profile.backbone == "tiny-smoke" and get_profile("tiny").backbone == "tiny"
     assert pixel.name == "tiny-pixel-smoke" and pixel.vae is None and pixel.pipeline_class is None
     assert pixel.latent_shape == (3, 32, 32)
     teacher = load_or_train_teacher(profile, clip)

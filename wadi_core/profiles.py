@@ -2,8 +2,8 @@
 
 | profile | backbone | where | purpose |
 |---|---|---|---|
-| ``smoke`` | ``tiny-pixel-smoke`` | any CPU, CI | proves every notebook runs headlessly; no quality claims |
-| ``tiny``  | ``tiny-pixel`` | any CPU, offline | the committed, readable reproduction (default) |
+| ``smoke`` | ``tiny-smoke`` | any CPU, CI | proves every notebook runs headlessly; no quality claims |
+| ``tiny``  | ``tiny`` | any CPU, offline | the committed, readable reproduction on the latent tiny SD (default) |
 | ``paper-smoke`` | ``smoke-sd15`` | any CPU, CI | the paper code path on a random-weight SD1.5-structured pipeline |
 | ``paper`` | ``sd15`` | GPU + model hub | SD1.5 / SD2.1-base / PixArt-α at paper scale (:class:`PaperDataConfig`) |
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-PROFILE_NAMES = ("smoke", "tiny", "tiny-latent", "paper-smoke", "paper")
+PROFILE_NAMES = ("smoke", "tiny", "paper-smoke", "paper")
 
 
 @dataclass(frozen=True)
@@ -148,24 +148,25 @@ class DistillConfig:
     """Notebook 03: the tiny-world VSD recipe shared by every student, and WaDi's adapter and student-rank
     ablations. Paper values are in :class:`wadi_core.distill.VSDConfig`'s defaults; deviations are named here."""
 
-    # Ranks chosen so the trainable shares mirror the paper's on the 1.41 M-parameter tiny U-Net.
-    student_rank: int = 19  # LoRaD r=19: 9.9 % of the U-Net (paper r=256 on SD1.5: 83.8 M = 9.75 %)
-    baseline_rank: int = 21  # LoRA/DoRA r=21: 1.46× LoRaD's count (paper's adapter ablation: 120.9 M / 83.8 M)
-    fake_method: str = "lorad"
-    fake_rank: int = 3  # LoRaD fake r=3: 1.28 % (paper r=32: 9.38 M = 1.09 %)
-    rank_ablation: tuple[int, ...] = (5, 10, 19, 38)  # the analogs of 64/128/256/512
-    # Learning rates per student method (paper: 1e-4 for every student, 1e-2 for the fake score).
+    # The latent tiny SD's recipe, chosen by its recipe study (docs/paper_notes.md#latent-tiny-world): ranks at the
+    # paper's trainable shares of the 1.49 M-parameter tiny U-Net, and two named deviations of the fake score.
+    student_rank: int = 15  # LoRaD r=15: 9.75 % of the U-Net (paper r=256 on SD1.5: 83.8 M = 9.75 %)
+    baseline_rank: int = 16  # LoRA/DoRA r=16: 1.41× LoRaD's count (paper's adapter ablation: 120.9 M / 83.8 M)
+    fake_method: str = "full"  # paper: LoRaD r=32 (fake_rank is then unused)
+    fake_rank: int = 3
+    rank_ablation: tuple[int, ...] = (4, 8, 15, 30)  # the analogs of 64/128/256/512
+    # Learning rates per student method, each the best of `lr_sweep` (paper: 1e-4 for every student).
     student_lrs: tuple[tuple[str, float], ...] = (
-        ("lorad", 1e-3), ("full", 1e-5), ("lora", 1e-3), ("dora", 1e-3), ("dora_frozen_norm", 1e-3),
+        ("lorad", 3e-3), ("full", 1e-4), ("lora", 1e-3), ("dora", 1e-3), ("dora_frozen_norm", 1e-3),
     )
-    fake_lr: float = 1e-2
+    fake_lr: float = 1e-4  # paper: 1e-2 for the LoRaD fake score
     # The fair comparison: every student method's lr from one sweep at one short budget, chosen by FID; the
     # final rows and both ablations then run at `seeds` (mean ± spread; wadi_core.distill.studies).
-    lr_sweep: tuple[float, ...] = (1e-5, 1e-4, 3e-4, 1e-3)
+    lr_sweep: tuple[float, ...] = (1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
     lr_sweep_steps: int = 200
     seeds: tuple[int, ...] = (6, 7, 8)
-    guidance_scale: float = 1.5  # the paper's; the tiny teacher is accurate from CFG 1.5 on (notebook 00)
-    fake_guidance_scale: float | None = None  # paper: None (the fake score guided like the teacher)
+    guidance_scale: float = 3.0  # the tiny teacher's best CFG (notebook 00); paper: 1.5
+    fake_guidance_scale: float | None = 1.0  # paper: None (the fake score guided like the teacher)
     batch_size: int = 16  # paper: 128
     steps: int = 1000  # generator steps (paper: 22.2k); ≈ 15 CPU-minutes per student on one thread
     # Deviations from the official loop: keep the fake score ahead of the generator
@@ -178,7 +179,7 @@ class DistillConfig:
     # The deviation study: each deviation switched on/off alone, in shorter runs.
     deviation_steps: int = 300
     deviation_ema_decay: float = 0.99  # the paper's optional 0.999 barely moves in a few hundred steps
-    eval_prompts: int = 512  # coco14-like prompts for the students' accuracy / FID
+    eval_prompts: int = 2_048  # every coco14-like prompt: the real-vs-real floor falls from 512 prompts' (notebook 04)
     lr_sweep_prompts: int = 512  # coco14-like prompts the lr sweep's points are scored on (its FIDs rank lrs only)
     seed: int = 6
 
@@ -205,8 +206,7 @@ class PaperDataConfig:
 @dataclass(frozen=True)
 class Profile:
     name: str
-    # The notebooks move to the latent "tiny" / "tiny-smoke" when they are re-executed on it.
-    backbone: str = "tiny-pixel"  # wadi_core.backbones.load_backbone(config.backbone) in every model notebook
+    backbone: str = "tiny"  # wadi_core.backbones.load_backbone(config.backbone) in every model notebook
     world: WorldConfig = field(default_factory=WorldConfig)
     clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
     teacher: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
@@ -231,7 +231,7 @@ class Profile:
         return dataclasses.asdict(self)
 
 
-def _smoke(name: str = "smoke", backbone: str = "tiny-pixel-smoke") -> Profile:
+def _smoke(name: str = "smoke", backbone: str = "tiny-smoke") -> Profile:
     # Mechanics only: a few steps of everything, tiny eval sets (FID needs more images than feature dims).
     return Profile(
         name=name,
@@ -265,6 +265,7 @@ def _paper() -> Profile:
             student_rank=256, baseline_rank=256, fake_rank=32, rank_ablation=(64, 128, 256, 512),
             student_lrs=tuple((m, 1e-4) for m in ("lorad", "full", "lora", "dora", "dora_frozen_norm")),
             lr_sweep=(1e-4,), lr_sweep_steps=2_000, seeds=(0,),
+            fake_method="lorad", fake_lr=1e-2, guidance_scale=1.5, fake_guidance_scale=None,
             batch_size=128, steps=22_200, fake_warmup_steps=0, fake_updates_per_step=1, checkpoint_every=500,
             eval_prompts=30_000, lr_sweep_prompts=5_000,
         ),
@@ -279,25 +280,7 @@ def _paper_smoke() -> Profile:
     return _smoke(name="paper-smoke", backbone="smoke-sd15")
 
 
-def _tiny_latent() -> Profile:
-    # The latent tiny SD (data/tiny_sd/) with the recipe its recipe study chose
-    # (docs/paper_notes.md#latent-tiny-world): ranks at the paper's trainable shares of its 1.49 M-parameter U-Net,
-    # guidance 3 (the latent teacher's best CFG, notebook 00), and two named deviations: a fully fine-tuned fake
-    # score at 1e-4 and an unguided fake score. The notebooks move here (as "tiny") when re-executed on it.
-    return Profile(name="tiny-latent", backbone="tiny", distill=DistillConfig(
-        student_rank=15,  # LoRaD r=15: 9.75 % of the U-Net (paper r=256 on SD1.5: 9.75 %)
-        baseline_rank=16,  # LoRA/DoRA r=16: 1.41× LoRaD's count (paper: 1.44×)
-        fake_method="full", fake_lr=1e-4,  # paper: LoRaD r=32 at 1e-2 (fake_rank is then unused)
-        rank_ablation=(4, 8, 15, 30),  # the analogs of 64/128/256/512
-        student_lrs=(("lorad", 3e-3), ("full", 1e-4), ("lora", 1e-3), ("dora", 1e-3), ("dora_frozen_norm", 1e-3)),
-        lr_sweep=(1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
-        guidance_scale=3.0, fake_guidance_scale=1.0,
-        eval_prompts=2_048,  # every coco14-like prompt: the real-vs-real floor falls from 512 prompts' (notebook 04)
-    ))
-
-
-_PROFILES = {"smoke": _smoke, "tiny": lambda: Profile(name="tiny"), "tiny-latent": _tiny_latent,
-             "paper-smoke": _paper_smoke, "paper": _paper}
+_PROFILES = {"smoke": _smoke, "tiny": lambda: Profile(name="tiny"), "paper-smoke": _paper_smoke, "paper": _paper}
 
 
 def get_profile(name: str = "tiny") -> Profile:

@@ -5,8 +5,8 @@
 - ``"tiny"`` / ``"tiny-smoke"``: the latent tiny Stable Diffusion of the ``tiny`` / ``smoke`` profile, a stock
   ``StableDiffusionPipeline`` folder (``data/tiny_sd/``, bundled; built from its artifacts when missing or stale;
   :mod:`.tiny_sd`);
-- ``"tiny-pixel"`` / ``"tiny-pixel-smoke"``: the pixel-space tiny world of the same profiles (bundled in ``data/``
-  or trained on first use; :mod:`.tiny`), on which the committed notebooks run;
+- ``"tiny-pixel"`` / ``"tiny-pixel-smoke"``: the pixel-space tiny world of the same profiles (trained on first use;
+  :mod:`.tiny`), the world the latent one replaced, kept for :func:`wadi_core.distill.world_study`;
 - ``"sd15"``, ``"sd21-base"``, ``"pixart-alpha-256"``: the paper's backbones from the model hub or its local cache
   (:mod:`.paper`; their configs are bundled in ``data/model_configs`` for meta-device counting);
 - ``"smoke-sd15"``, ``"smoke-sd21-base"``, ``"smoke-pixart-alpha-256"``: tiny random-weight pipelines with the
@@ -37,7 +37,8 @@ from .tiny import (
     make_scheduler,
     text_encoder_from_clip,
 )
-from .tiny_sd import load_tiny_sd_backbone
+from .tiny_sd import load_or_train_latent_teacher, load_tiny_sd_backbone
+from .tiny_vae import load_or_train_tiny_vae, reconstruct
 
 # backbone name → the profile whose tiny world it is: the latent tiny SD, and the pixel-space tiny world
 TINY_BACKBONES = {"tiny": "tiny", "tiny-smoke": "smoke"}
@@ -100,12 +101,15 @@ __all__ = [
     "backbone_names",
     "encode_prompts",
     "load_backbone",
+    "load_or_train_latent_teacher",
     "load_or_train_teacher",
     "load_or_train_tiny_clip",
+    "load_or_train_tiny_vae",
     "load_pipeline",
     "load_tiny_backbone",
     "load_tiny_sd_backbone",
     "make_scheduler",
+    "reconstruct",
     "sample_ddim",
     "text_encoder_from_clip",
 ]
