@@ -95,6 +95,12 @@ def test_fresh_run_reuses_what_another_process_of_the_run_wrote(data_dir, monkey
     assert artifacts.cached("thing", config) is None
 
 
+def test_fresh_run_counts_a_missing_folder_as_not_yet_written(data_dir, monkeypatch):
+    monkeypatch.setenv("WADI_FRESH", "1")
+    monkeypatch.setenv("WADI_FRESH_SINCE", repr(time.time() - 60))
+    assert artifacts.outdated_by_fresh(data_dir / "tiny_sd-smoke")  # never built: build it, do not stat it
+
+
 def _linear_trainer(calls: list):
     """build / train callables of :func:`artifacts.load_or_train` for a 3→2 Linear; ``calls`` counts trainings."""
 

@@ -320,7 +320,7 @@ def _written_this_run(path: Path) -> bool:
     if path.resolve() in _WRITTEN_THIS_PROCESS:
         return True
     since = os.environ.get("WADI_FRESH_SINCE")
-    return bool(since) and path.stat().st_mtime >= float(since)
+    return bool(since) and path.exists() and path.stat().st_mtime >= float(since)
 
 
 def outdated_by_fresh(path: Path) -> bool:

@@ -79,6 +79,13 @@ def direction_residual_target(weight: torch.Tensor, kind: str, direction_change:
     return target((low + high) / 2).to(weight.dtype)
 
 
+def student_direction_target(weight: torch.Tensor, student_weight: torch.Tensor) -> torch.Tensor:
+    """The direction part of a real student's change: each row of ``student_weight`` scaled to the norm of the same
+    row of ``weight``, the teacher's. What an adapter that changes directions only (LoRaD, WaDi §3.2) can at best
+    fit of a trained one-step student (the "FT student" target of notebook 02)."""
+    return F.normalize(student_weight, dim=1) * weight.norm(dim=1, keepdim=True)
+
+
 def effective_weight(layer: nn.Module) -> torch.Tensor:
     """The (out, in) weight an adapted Linear applies, read off its forward on the identity (differentiable)."""
     base = layer.base_layer
