@@ -168,7 +168,7 @@ class DistillConfig:
     guidance_scale: float = 3.0  # the tiny teacher's best CFG (notebook 00); paper: 1.5
     fake_guidance_scale: float | None = 1.0  # paper: None (the fake score guided like the teacher)
     batch_size: int = 16  # paper: 128
-    steps: int = 1000  # generator steps (paper: 22.2k); ≈ 15 CPU-minutes per student on one thread
+    steps: int = 1000  # generator steps (paper: 22.2k); ≈ 22 CPU-minutes per student on one thread
     # Deviations from the official loop: keep the fake score ahead of the generator
     # (docs/paper_notes.md#tiny-vsd-recipe).
     fake_warmup_steps: int = 30  # paper: 0

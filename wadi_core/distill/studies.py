@@ -51,20 +51,26 @@ def sweep_config(profile: Profile, method: str, lr: float, **overrides) -> VSDCo
     return student_config(profile.distill, method, student_lr=lr, steps=profile.distill.lr_sweep_steps, **overrides)
 
 
+def _train_prompts(profile: Profile) -> list[str]:
+    return sorted(set(make_split("train", profile.world).captions))
+
+
+def _distilled(profile: Profile, backbone, config: VSDConfig, progress: bool) -> nn.Module:
+    """A student distilled with ``config`` on the training captions, resumable from its run directory."""
+    prompts = _train_prompts(profile)
+    run_dir = cache_dir() / "vsd" / artifact_path(STUDENT_KIND, _artifact_key(backbone, prompts, config)).stem
+    result = distill(backbone, prompts, config, run_dir, progress=progress)
+    return result.ema_student or result.student
+
+
 def _scored_student(profile: Profile, backbone, config: VSDConfig, score: Scorer, score_key: dict, kind: str,
                     label: str, progress: bool, bundled: Callable[[], nn.Module] | None = None) -> dict[str, float]:
     """Scores of a student distilled with ``config`` on the training captions (or of ``bundled()``, the bundled
     student of that config), cached as a ``kind`` record keyed by the student's artifact key and ``score_key``."""
-    prompts = sorted(set(make_split("train", profile.world).captions))
-    student_key = _artifact_key(backbone, prompts, config)
+    student_key = _artifact_key(backbone, _train_prompts(profile), config)
 
     def compute() -> dict[str, float]:
-        if bundled is not None:
-            student = bundled()
-        else:
-            run_dir = cache_dir() / "vsd" / artifact_path(STUDENT_KIND, student_key).stem
-            result = distill(backbone, prompts, config, run_dir, progress=progress)
-            student = result.ema_student or result.student
+        student = bundled() if bundled is not None else _distilled(profile, backbone, config, progress)
         return {name: float(value) for name, value in score(student.eval()).items()}
 
     return load_or_compute_record(kind, {"student": student_key, "score": score_key}, compute, label=label)
@@ -169,7 +175,7 @@ def regression_ceiling(profile: Profile, backbone, score: Scorer, score_key: dic
     config = student_config(profile.distill, method, **({} if lr is None else {"student_lr": lr}),
                             **({} if steps is None else {"steps": steps}))
     sampling = profile.sampling
-    prompts = sorted(set(make_split("train", profile.world).captions))
+    prompts = _train_prompts(profile)
     key = {"student": _artifact_key(backbone, prompts, config), "pairs": pairs,
            "teacher_steps": sampling.num_inference_steps, "score": score_key}
 
@@ -267,11 +273,7 @@ def world_study(profile: Profile, prompts: Sequence[str], evaluate: ImageScorer,
 
         def compute(world=world, recipe=recipe, config=config) -> dict[str, float]:
             backbone = _world_backbone(profile, world, recipe)
-            train_prompts = sorted(set(make_split("train", profile.world).captions))
-            run_dir = cache_dir() / "vsd" / artifact_path(STUDENT_KIND, _artifact_key(backbone, train_prompts,
-                                                                                      config)).stem
-            result = distill(backbone, train_prompts, config, run_dir, progress=progress)
-            student = (result.ema_student or result.student).eval()
+            student = _distilled(profile, backbone, config, progress).eval()
             teacher_images = backbone.sample(list(prompts), sampling_steps, guidance, seed=seed,
                                              batch_size=profile.sampling.batch_size, progress=progress)
             student_images = one_step_generate(student, backbone, list(prompts), seed)
