@@ -112,6 +112,21 @@ def test_failing_notebook_exits_1_names_cell_and_keeps_earlier_entries(tmp_path,
     assert entries["01_broken"]["status"] == "failed"
 
 
+def test_only_runs_side_by_side_keep_each_others_entries(tmp_path):
+    source = tmp_path / "notebooks"
+    results = tmp_path / "results"
+    results.mkdir()
+    manifest = results / "manifest.json"
+    # the other run writes its entry while this one executes (from inside this run's notebook)
+    _write_notebook(source / "01_slow.ipynb", "import json, pathlib",
+                    f"p = pathlib.Path({str(manifest)!r}); m = json.loads(p.read_text()) if p.exists() else "
+                    "{'notebooks': {}}; m['notebooks']['00_other'] = {'status': 'ok'}; p.write_text(json.dumps(m))")
+    code = reproduce.main(["--only", "01", "--notebooks-dir", str(source), "--results-dir", str(results)])
+    assert code == 0
+    entries = json.loads(manifest.read_text())["notebooks"]
+    assert entries["00_other"] == {"status": "ok"} and entries["01_slow"]["status"] == "ok"
+
+
 GUARD_PROBE = textwrap.dedent(
     """
     import socket

@@ -183,8 +183,13 @@ def test_world_study_scores_each_world_against_its_own_teacher_and_keeps_the_tab
                         sd15_attention_teacher_steps=4, progress=False)
     pd.testing.assert_frame_equal(again, table)
     assert len(scored) == 6  # read back from the records, nothing sampled or trained again
-    with pytest.raises(ValueError, match="one step count per world"):
-        world_study(smoke_profile, prompts, evaluate, {}, {"pixel": 2}, sd15_attention_teacher_steps=4)
+    subset = world_study(smoke_profile, prompts, evaluate, {"scorer": "brightness"}, {"pixel": 2, "latent": 2},
+                         sd15_attention_teacher_steps=4, progress=False)
+    pd.testing.assert_frame_equal(subset, table.drop(index="pixel_sd15_attention"))
+    assert len(scored) == 6  # the same records
+    for bad in ({"voxel": 2}, {}):
+        with pytest.raises(ValueError, match="names the worlds to run"):
+            world_study(smoke_profile, prompts, evaluate, {}, bad, sd15_attention_teacher_steps=4)
 
 
 def test_student_scorer_scores_one_step_images_and_keys_what_determines_them(smoke_profile, tmp_path):

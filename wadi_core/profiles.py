@@ -181,6 +181,13 @@ class DistillConfig:
     deviation_ema_decay: float = 0.99  # the paper's optional 0.999 barely moves in a few hundred steps
     eval_prompts: int = 2_048  # every coco14-like prompt: the real-vs-real floor falls from 512 prompts' (notebook 04)
     lr_sweep_prompts: int = 512  # coco14-like prompts the lr sweep's points are scored on (its FIDs rank lrs only)
+    # The world study (notebook 00, wadi_core.distill.world_study): per candidate world, the generator steps that fit
+    # in the latent student's `steps`, and the SD1.5-attention pixel teacher's steps that fit in the latent teacher's
+    # training, from `make bench`'s benchmarks_worlds table (1 thread). That teacher (838 steps at 7.5 s) is not
+    # trained yet, so its world is not listed.
+    world_study_steps: tuple[tuple[str, int], ...] = (("pixel", 892), ("latent", 1_000))
+    world_study_teacher_steps: int = 838
+    world_study_prompts: int = 512
     seed: int = 6
 
 
@@ -249,7 +256,8 @@ def _smoke(name: str = "smoke", backbone: str = "tiny-smoke") -> Profile:
         distill=DistillConfig(student_rank=2, baseline_rank=2, fake_rank=1, rank_ablation=(1, 2), batch_size=4,
                               steps=3, fake_warmup_steps=1, checkpoint_every=2, deviation_steps=2,
                               lr_sweep=(1e-4, 1e-3), lr_sweep_steps=2, seeds=(6, 7), eval_prompts=160,
-                              lr_sweep_prompts=160),
+                              lr_sweep_prompts=160, world_study_prompts=160, world_study_teacher_steps=5,
+                              world_study_steps=(("pixel", 2), ("pixel_sd15_attention", 2), ("latent", 3))),
     )
 
 

@@ -276,7 +276,14 @@ def run_notebooks(
         0 when every notebook ran, 1 when one failed.
     """
     run = describe_run(profile)
-    entries = read_notebook_entries(manifest) if merge else {}
+    entries: dict[str, dict] = {}
+
+    def record(name: str, entry: dict) -> None:
+        if merge:  # read again: another --only run beside this one may have written its entries meanwhile
+            entries.update(read_notebook_entries(manifest))
+        entries[name] = entry
+        write_manifest(manifest, run, entries)
+
     for position, notebook in enumerate(notebooks, start=1):
         output = (output_dir or notebook.parent) / notebook.name
         print(f"[{position}/{len(notebooks)}] {notebook.stem} (profile={profile}) ... ", end="", flush=True)
@@ -284,13 +291,11 @@ def run_notebooks(
             wall_time_s = execute_notebook(notebook, output, profile)
         except NotebookFailed as err:
             print(f"failed after {err.wall_time_s:.1f} s", flush=True)
-            entries[notebook.stem] = _entry(run, "failed", err.wall_time_s, err.failed_copy, error=str(err))
-            write_manifest(manifest, run, entries)
+            record(notebook.stem, _entry(run, "failed", err.wall_time_s, err.failed_copy, error=str(err)))
             print(f"{err}\nexecuted copy with the traceback: {err.failed_copy}", file=sys.stderr, flush=True)
             return 1
         print(f"ok in {wall_time_s:.1f} s", flush=True)
-        entries[notebook.stem] = _entry(run, "ok", wall_time_s, output)
-        write_manifest(manifest, run, entries)
+        record(notebook.stem, _entry(run, "ok", wall_time_s, output))
     print(f"manifest: {manifest}", flush=True)
     return 0
 

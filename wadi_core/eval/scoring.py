@@ -59,19 +59,32 @@ def score_images(images: torch.Tensor, prompts: list[str], reference: Path, *, f
     return scores
 
 
+def image_scorer(prompts: list[str], reference: Path, *, features: ShapesFeatureNet, clip: CLIPModel,
+                 tokenizer: CLIPTokenizer, precision_recall_k: int = 3,
+                 name: str = "images") -> tuple[Callable[[torch.Tensor], dict[str, float]], dict]:
+    """``(evaluate, score_key)``: ``evaluate(images)`` is :func:`score_images` of images of ``prompts``, and
+    ``score_key`` names what determines it besides the images (the prompts' hash, the feature network's digest,
+    ``k``), for records of image scores such as :func:`wadi_core.distill.world_study`'s."""
+
+    def evaluate(images: torch.Tensor) -> dict[str, float]:
+        return score_images(images, prompts, reference, features=features, clip=clip, tokenizer=tokenizer,
+                            precision_recall_k=precision_recall_k, name=name)
+
+    key = {"prompts": prompts_digest(prompts), "features": module_digest(features),
+           "precision_recall_k": precision_recall_k}
+    return evaluate, key
+
+
 def student_scorer(backbone, prompts: list[str], reference: Path, *, features: ShapesFeatureNet, clip: CLIPModel,
                    tokenizer: CLIPTokenizer, seed: int, precision_recall_k: int = 3,
                    name: str = "student") -> tuple[Callable[[torch.nn.Module], dict[str, float]], dict]:
     """``(score, score_key)`` for notebook 03's studies (:mod:`wadi_core.distill.studies`): ``score(student)`` is
-    :func:`score_images` of the student's one-step images of ``prompts`` on the noise of ``seed``, and
-    ``score_key`` names what determines it besides the student (the prompts' hash, the seed, the feature network's
-    digest, ``k``), so that a record scored by one caller is read back by another."""
+    :func:`image_scorer`'s score of the student's one-step images of ``prompts`` on the noise of ``seed``, and
+    ``score_key`` is its key with the seed, so that a record scored by one caller is read back by another."""
+    evaluate, key = image_scorer(prompts, reference, features=features, clip=clip, tokenizer=tokenizer,
+                                 precision_recall_k=precision_recall_k, name=name)
 
     def score(student: torch.nn.Module) -> dict[str, float]:
-        images = one_step_generate(student, backbone, prompts, seed)
-        return score_images(images, prompts, reference, features=features, clip=clip, tokenizer=tokenizer,
-                            precision_recall_k=precision_recall_k, name=name)
+        return evaluate(one_step_generate(student, backbone, prompts, seed))
 
-    key = {"prompts": prompts_digest(prompts), "seed": seed,
-           "features": module_digest(features), "precision_recall_k": precision_recall_k}
-    return score, key
+    return score, {**key, "seed": seed}
