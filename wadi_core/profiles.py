@@ -192,6 +192,43 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class ControlNetConfig:
+    """Notebook 05 §1: a ``ControlNetModel`` trained on the multi-step teacher, used unchanged with the one-step
+    student (WaDi's downstream section). diffusers' ``train_controlnet.py`` recipe: ``from_unet`` initialisation,
+    the ε-loss, constant lr after warm-up; 50 % empty prompts as in the ControlNet paper (Zhang et al. 2023, §3.2)."""
+
+    conditions: tuple[str, ...] = ("mask", "edge")  # ShapesWorld's condition maps (segmentation / canny analogs)
+    conditioning_embedding_out_channels: tuple[int, ...] = (16, 32)  # one 2× downsampling: 32-px maps → 16² latents
+    steps: int = 800
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup_steps: int = 50
+    caption_dropout: float = 0.5
+    eval_maps: int = 512  # held-out coco14-like condition maps the tasks are measured on
+    timing_images: int = 64  # images per wall-time measurement
+    timing_steps: tuple[int, ...] = (25, 50)  # teacher DDIM steps timed (the paper's ControlNet timing: DDIM-50)
+    mask_threshold: float = 0.25  # a generated pixel is "object" when its brightest channel exceeds this (0..1)
+    # Released ControlNets used instead of training one (paper profile): (condition, hub id or local folder).
+    pretrained: tuple[tuple[str, str], ...] = ()
+    seed: int = 9
+
+
+@dataclass(frozen=True)
+class HighResConfig:
+    """Notebook 05 §2: the one-step student above its training size, naively and with ScaleCrafter's re-dilation
+    (He et al. 2023): the 3×3 convolutions of the listed blocks dilated during the step."""
+
+    sizes: tuple[tuple[int, int], ...] = ((2, 2), (2, 7 / 2))  # (height, width) in training sides: 1024², 1024×1792
+    # Blocks whose resnet and upsampler convolutions are re-dilated ({block: dilation}); "lowest" names the U-Net's
+    # lowest-resolution level: its last down block, the mid block and the first up block (ScaleCrafter's SD1.5
+    # 1024² setting, down_blocks.3 / mid_block / up_blocks.0 dilated by 2).
+    redilation: tuple[tuple[str, int], ...] = (("lowest", 2),)
+    prompts: int = 512  # coco14-like prompts per size
+    min_component_pixels: int = 3  # connected components smaller than this (at the training size) are not objects
+    seed: int = 10
+
+
+@dataclass(frozen=True)
 class PaperDataConfig:
     """The data and released models the paper path reads (docs/paper_notes.md#evaluation-protocols); paths are
     relative to the working directory or absolute. Only the paper-scale cells of notebooks 01 and 04 use them."""
@@ -223,6 +260,8 @@ class Profile:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     adapters: AdapterStudyConfig = field(default_factory=AdapterStudyConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
+    highres: HighResConfig = field(default_factory=HighResConfig)
     paper_data: PaperDataConfig = field(default_factory=PaperDataConfig)
     needs_gpu: bool = False
 
@@ -231,7 +270,8 @@ class Profile:
         """Every seed of the profile, for `results/manifest.json`."""
         return {
             name: getattr(self, name).seed
-            for name in ("world", "clip", "teacher", "vae", "reader", "sampling", "adapters", "distill")
+            for name in ("world", "clip", "teacher", "vae", "reader", "sampling", "adapters", "distill", "controlnet",
+                         "highres")
         }
 
     def to_dict(self) -> dict:
@@ -258,6 +298,9 @@ def _smoke(name: str = "smoke", backbone: str = "tiny-smoke") -> Profile:
                               lr_sweep=(1e-4, 1e-3), lr_sweep_steps=2, seeds=(6, 7), eval_prompts=160,
                               lr_sweep_prompts=160, world_study_prompts=160, world_study_teacher_steps=5,
                               world_study_steps=(("pixel", 2), ("pixel_sd15_attention", 2), ("latent", 3))),
+        controlnet=ControlNetConfig(steps=3, batch_size=4, warmup_steps=1, eval_maps=32, timing_images=4,
+                                    timing_steps=(2,)),
+        highres=HighResConfig(prompts=32),
     )
 
 
@@ -277,6 +320,11 @@ def _paper() -> Profile:
             batch_size=128, steps=22_200, fake_warmup_steps=0, fake_updates_per_step=1, checkpoint_every=500,
             eval_prompts=30_000, lr_sweep_prompts=5_000,
         ),
+        # The released SD1.5 canny ControlNet (ShapesWorld's edge maps play its canny maps), ScaleCrafter's SD1.5
+        # 1024² re-dilation ("lowest": down_blocks.3 / mid_block / up_blocks.0 by 2) at 1024² and 1024×1792.
+        controlnet=ControlNetConfig(conditions=("edge",), pretrained=(("edge", "lllyasviel/sd-controlnet-canny"),),
+                                    eval_maps=5_000),
+        highres=HighResConfig(prompts=1_000),
         needs_gpu=True,
     )
 

@@ -1,0 +1,33 @@
+"""The one-step student's downstream tasks (WaDi's last section; notebook 05), one file per task: ControlNet
+(:mod:`.controlnet`) and ScaleCrafter-style high-resolution synthesis with re-dilated convolutions
+(:mod:`.highres`)."""
+
+from .controlnet import (
+    CONDITIONS,
+    ControlledDenoiser,
+    cached_controlnet_samples,
+    control_images,
+    controlnet_one_step,
+    controlnet_pipeline,
+    controlnet_sample,
+    load_or_train_controlnet,
+    mask_iou,
+    object_mask,
+    seconds_per_image,
+    train_controlnet,
+)
+from .highres import (
+    count_objects,
+    image_size,
+    one_step_at_size,
+    read_dilation_settings,
+    redilated,
+    redilation_settings,
+    repetition_rate,
+    to_training_size,
+)
+
+__all__ = ["CONDITIONS", "ControlledDenoiser", "cached_controlnet_samples", "control_images", "controlnet_one_step",
+           "controlnet_pipeline", "controlnet_sample", "count_objects", "image_size", "load_or_train_controlnet",
+           "mask_iou", "object_mask", "one_step_at_size", "read_dilation_settings", "redilated",
+           "redilation_settings", "repetition_rate", "seconds_per_image", "to_training_size", "train_controlnet"]
