@@ -22,12 +22,15 @@ from wadi_core.distill import (
     regression_ceiling,
     seed_runs,
     seed_summary,
+    student_scores,
     sweep_config,
     world_study,
 )
 from wadi_core.eval import (
     ShapesFeatureNet,
     load_or_train_feature_net,
+    one_step_key,
+    recorded_scores,
     reference_folder,
     save_images,
     score_images,
@@ -141,6 +144,39 @@ def test_seed_runs_score_each_seed_and_bundle_the_profiles_own(smoke_profile):
     again = seed_runs(smoke_profile, backbone, "lorad", score, {"scorer": "seeds"}, progress=False)
     pd.testing.assert_frame_equal(runs, again)
     assert len(firsts) == 2
+
+
+def test_student_scores_reads_the_bundled_students_record_once_scored(smoke_profile):
+    backbone = load_backbone(smoke_profile.backbone)
+    score, seen = counting_score()
+    first = student_scores(smoke_profile, backbone, "lora", score, {"scorer": "bundled"})
+    assert first == {"FID": 1.0} and len(seen) == 1
+    assert student_scores(smoke_profile, backbone, "lora", score, {"scorer": "bundled"}) == first and len(seen) == 1
+    runs = seed_runs(smoke_profile, backbone, "lora", score, {"scorer": "bundled"}, progress=False)
+    assert runs.loc[runs["seed"] == smoke_profile.distill.seed, "FID"].tolist() == [1.0]  # the same record
+    other = student_scores(smoke_profile, backbone, "lora", score, {"scorer": "bundled"}, rank=1)
+    assert other["FID"] != 1.0  # another rank: another student, another record
+
+
+def test_recorded_scores_make_and_score_the_images_once(smoke_profile):
+    backbone = load_backbone(smoke_profile.backbone)
+    prompts = ["a red circle", "a blue square"]
+    made = []
+
+    def images():
+        made.append(1)
+        return backbone.one_step(prompts, seed=0)
+
+    def evaluate(batch):
+        return {"mean": batch.mean()}
+
+    key = one_step_key(backbone, prompts, seed=0)
+    assert key != one_step_key(backbone, prompts, seed=1) and key["sampler"] == "one-step"
+    first = recorded_scores(key, images, evaluate, {"scorer": "mean"})
+    assert recorded_scores(key, images, evaluate, {"scorer": "mean"}) == first and len(made) == 1
+    assert isinstance(first["mean"], float)
+    recorded_scores(key, images, evaluate, {"scorer": "another"})
+    assert len(made) == 2
 
 
 def test_regression_ceiling_fits_the_teacher_samples_and_is_kept_as_a_record(smoke_profile):

@@ -205,7 +205,8 @@ class ControlNetConfig:
     warmup_steps: int = 50
     caption_dropout: float = 0.5
     eval_maps: int = 512  # held-out coco14-like condition maps the tasks are measured on
-    timing_images: int = 64  # images per wall-time measurement
+    conditioning_scales: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # the one-step student's residual scale sweep
+    timing_images: int = 32  # images per wall-time measurement
     timing_steps: tuple[int, ...] = (25, 50)  # teacher DDIM steps timed (the paper's ControlNet timing: DDIM-50)
     mask_threshold: float = 0.25  # a generated pixel is "object" when its brightest channel exceeds this (0..1)
     # Released ControlNets used instead of training one (paper profile): (condition, hub id or local folder).
@@ -298,8 +299,8 @@ def _smoke(name: str = "smoke", backbone: str = "tiny-smoke") -> Profile:
                               lr_sweep=(1e-4, 1e-3), lr_sweep_steps=2, seeds=(6, 7), eval_prompts=160,
                               lr_sweep_prompts=160, world_study_prompts=160, world_study_teacher_steps=5,
                               world_study_steps=(("pixel", 2), ("pixel_sd15_attention", 2), ("latent", 3))),
-        controlnet=ControlNetConfig(steps=3, batch_size=4, warmup_steps=1, eval_maps=32, timing_images=4,
-                                    timing_steps=(2,)),
+        controlnet=ControlNetConfig(steps=3, batch_size=4, warmup_steps=1, eval_maps=32,
+                                    conditioning_scales=(0.5, 1.0), timing_images=4, timing_steps=(2,)),
         highres=HighResConfig(prompts=32),
     )
 

@@ -46,6 +46,7 @@ MAIN_FIGURES = {
     "02": "02_expressivity",
     "03": "03_student_samples",
     "04": "04_table1_bars",
+    "05": "05_controlnet_mask_samples",
     "06": "06_kernel_bench_vs_floor",
 }
 OTHER_GROUP = "other"  # tables and figures that no notebook wrote (benchmarks_*)

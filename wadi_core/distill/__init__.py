@@ -64,6 +64,7 @@ from .studies import (  # noqa: E402
     regression_ceiling,
     seed_runs,
     seed_summary,
+    student_scores,
     sweep_config,
     sweep_point,
     world_recipes,
@@ -71,4 +72,4 @@ from .studies import (  # noqa: E402
 )
 
 __all__ += ["beyond_spread", "best_lrs", "lr_sweep", "recipe_study", "regression_ceiling", "seed_runs", "seed_summary",
-            "sweep_config", "sweep_point", "world_recipes", "world_study"]
+            "student_scores", "sweep_config", "sweep_point", "world_recipes", "world_study"]

@@ -85,6 +85,21 @@ def sweep_point(profile: Profile, backbone, method: str, lr: float, score: Score
                            f"{method} lr-sweep student (lr {lr:g})", progress)
 
 
+def student_scores(profile: Profile, backbone, method: str, score: Scorer, score_key: dict, rank: int | None = None,
+                   **overrides) -> dict[str, float]:
+    """Scores of the bundled ``method`` student of ``profile`` (optionally another ``rank`` or recipe
+    ``overrides``, as :func:`~.students.load_or_train_student` takes them), kept as a record keyed by the student's
+    artifact key and ``score_key``: a notebook re-reads what scoring thousands of images once measured. The record
+    is the one :func:`seed_runs` keeps for the profile's own seed."""
+    config = student_config(profile.distill, method, rank, **overrides)
+
+    def bundled_student() -> nn.Module:
+        return load_or_train_student(profile, backbone, method, rank, progress=False, **overrides).model
+
+    return _scored_student(profile, backbone, config, score, score_key, SEED_KIND, f"{method} student scores",
+                           progress=False, bundled=bundled_student)
+
+
 def recipe_study(profile: Profile, backbone, variants: Mapping[str, dict], score: Scorer, score_key: dict,
                  method: str = "lorad", progress: bool = True) -> pd.DataFrame:
     """One row per named variant of the profile's ``method`` recipe (``{name: VSDConfig overrides}``, e.g. a

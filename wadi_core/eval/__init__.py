@@ -26,5 +26,5 @@ from .fid import (
 )
 from .manifold import precision_recall
 from .protocols import PROTOCOLS, coco_protocol, one_step_generator, require_cleanfid_inception, write_coco_stand_in
-from .samples import CachedSamples, cached_samples, generate_to_folder, per_image_noise
-from .scoring import image_scorer, score_images, student_scorer
+from .samples import CachedSamples, cached_samples, generate_to_folder, one_step_key, per_image_noise, samples_key
+from .scoring import image_scorer, recorded_scores, score_images, student_scorer

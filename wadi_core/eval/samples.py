@@ -76,6 +76,16 @@ def samples_key(backbone: Backbone, prompts: Sequence[str], num_inference_steps:
     return key
 
 
+def one_step_key(backbone: Backbone, prompts: Sequence[str], seed: int) -> dict:
+    """Everything that determines ``backbone.one_step(prompts, seed=seed)`` (the teacher's own one-step images):
+    :func:`samples_key`'s weights, prompts, tokens, image size and seed, with the one-step ᾱ in place of DDIM's
+    steps and guidance."""
+    key = samples_key(backbone, prompts, 1, 1.0, seed)
+    for name in ("timesteps", "num_inference_steps", "guidance_scale", "batch_size"):
+        del key[name]
+    return {**key, "sampler": "one-step", "one_step_alpha_bar": backbone.one_step_alpha_bar}
+
+
 def cached_samples(backbone: Backbone, prompts: Sequence[str], num_inference_steps: int, guidance_scale: float,
                    seed: int, batch_size: int = 128, progress: bool = False) -> CachedSamples:
     """``backbone.sample(prompts, num_inference_steps, guidance_scale, seed=seed)``, cached as

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPModel, CLIPTokenizer
 
-from ..artifacts import module_digest, prompts_digest
+from ..artifacts import load_or_compute_record, module_digest, prompts_digest
 from ..distill import one_step_generate
 from .attributes import attribute_accuracy
 from .clip_score import PaperClipScorer, clip_score, clip_score_paper
@@ -88,3 +88,18 @@ def student_scorer(backbone, prompts: list[str], reference: Path, *, features: S
         return evaluate(one_step_generate(student, backbone, prompts, seed))
 
     return score, {**key, "seed": seed}
+
+
+IMAGE_SCORES_KIND = "image_scores"
+
+
+def recorded_scores(images_key: dict, images: Callable[[], torch.Tensor], evaluate: Callable[[torch.Tensor], dict],
+                    score_key: dict, label: str = "image scores") -> dict[str, float]:
+    """``evaluate(images())``, kept as an ``image_scores`` record keyed by ``images_key`` (everything that determines
+    the images, e.g. :func:`~wadi_core.eval.samples.samples_key`) and ``score_key`` (:func:`image_scorer`'s): the
+    images are made and scored only when no record holds their scores."""
+
+    def compute() -> dict[str, float]:
+        return {name: float(value) for name, value in evaluate(images()).items()}
+
+    return load_or_compute_record(IMAGE_SCORES_KIND, {"images": images_key, "score": score_key}, compute, label=label)

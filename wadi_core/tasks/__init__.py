@@ -10,9 +10,11 @@ from .controlnet import (
     controlnet_one_step,
     controlnet_pipeline,
     controlnet_sample,
+    controlnet_samples_key,
     load_or_train_controlnet,
     mask_iou,
     object_mask,
+    one_step_controlnet_key,
     seconds_per_image,
     train_controlnet,
 )
@@ -20,6 +22,7 @@ from .highres import (
     count_objects,
     image_size,
     one_step_at_size,
+    one_step_at_size_key,
     read_dilation_settings,
     redilated,
     redilation_settings,
@@ -28,6 +31,7 @@ from .highres import (
 )
 
 __all__ = ["CONDITIONS", "ControlledDenoiser", "cached_controlnet_samples", "control_images", "controlnet_one_step",
-           "controlnet_pipeline", "controlnet_sample", "count_objects", "image_size", "load_or_train_controlnet",
-           "mask_iou", "object_mask", "one_step_at_size", "read_dilation_settings", "redilated",
-           "redilation_settings", "repetition_rate", "seconds_per_image", "to_training_size", "train_controlnet"]
+           "controlnet_pipeline", "controlnet_sample", "controlnet_samples_key", "count_objects", "image_size",
+           "load_or_train_controlnet", "mask_iou", "object_mask", "one_step_at_size", "one_step_at_size_key",
+           "one_step_controlnet_key", "read_dilation_settings", "redilated", "redilation_settings",
+           "repetition_rate", "seconds_per_image", "to_training_size", "train_controlnet"]

@@ -43,7 +43,7 @@ from ..artifacts import (
 from ..backbones.backbone import sample_ddim
 from ..backbones.denoisers import check_denoiser_matches
 from ..diffusion import one_step_x0
-from ..eval.samples import CachedSamples, samples_key
+from ..eval.samples import CachedSamples, one_step_key, samples_key
 from ..optim import cosine_lr, set_lr
 from ..profiles import ControlNetConfig, Profile
 from ..world import ShapesDataset, make_split
@@ -239,6 +239,30 @@ def controlnet_sample(backbone, controlnet: ControlNetModel, prompts: list[str],
     return torch.cat(out)
 
 
+def _tensor_digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def controlnet_samples_key(backbone, controlnet: ControlNetModel, prompts: list[str], control: torch.Tensor,
+                           num_inference_steps: int, guidance_scale: float, seed: int, batch_size: int = 128) -> dict:
+    """Everything that determines :func:`controlnet_sample`'s images: :func:`~wadi_core.eval.samples.samples_key`
+    plus the ControlNet's weights and the control images."""
+    return {**samples_key(backbone, prompts, num_inference_steps, guidance_scale, seed, batch_size),
+            "sampler": "ddim-cfg-controlnet", "controlnet": module_digest(controlnet),
+            "control": _tensor_digest(control)}
+
+
+def one_step_controlnet_key(student: nn.Module, backbone, controlnet: ControlNetModel, prompts: list[str],
+                            control: torch.Tensor, seed: int, conditioning_scale: float = 1.0) -> dict:
+    """Everything that determines :func:`controlnet_one_step`'s images (for records of their scores): the student's,
+    text encoder's, VAE's and ControlNet's weights, the prompts, the control images, the seed and the scale."""
+    key = {**one_step_key(backbone, prompts, seed), "student": module_digest(student),
+           "sampler": "one-step-controlnet", "controlnet": module_digest(controlnet),
+           "control": _tensor_digest(control), "conditioning_scale": float(conditioning_scale)}
+    del key["teacher"]
+    return key
+
+
 def cached_controlnet_samples(backbone, controlnet: ControlNetModel, prompts: list[str], control: torch.Tensor,
                               num_inference_steps: int, guidance_scale: float, seed: int, batch_size: int = 128,
                               progress: bool = False) -> CachedSamples:
@@ -250,9 +274,8 @@ def cached_controlnet_samples(backbone, controlnet: ControlNetModel, prompts: li
     Raises:
         ArtifactError: not cached while ``WADI_NO_TRAIN=1``, or the cached file is damaged or from another key.
     """
-    key = {**samples_key(backbone, prompts, num_inference_steps, guidance_scale, seed, batch_size),
-           "sampler": "ddim-cfg-controlnet", "controlnet": module_digest(controlnet),
-           "control": hashlib.sha256(control.float().numpy().tobytes()).hexdigest()[:16]}
+    key = controlnet_samples_key(backbone, controlnet, prompts, control, num_inference_steps, guidance_scale, seed,
+                                 batch_size)
     path = cached(SAMPLES_KIND, key)
     if path is not None:
         tensors, metadata = load_checkpoint(path, key)

@@ -28,9 +28,11 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
+from ..artifacts import module_digest
 from ..backbones.denoisers import check_denoiser_matches
 from ..diffusion import one_step_x0
 from ..eval.attributes import parse_prompt
+from ..eval.samples import one_step_key
 
 LOWEST = "lowest"  # the U-Net's lowest-resolution level: its last down block, the mid block, its first up block
 # The convolutions ScaleCrafter dilates inside a block: the resnets' two 3×3 convs and the upsampler's conv.
@@ -130,6 +132,16 @@ def image_size(backbone, scale: tuple[float, float]) -> tuple[int, int]:
     if any(s < 1 for s in scale):
         raise ValueError(f"scale factors must be ≥ 1 (sizes above the training size), got {tuple(scale)}")
     return tuple(int(round(s * backbone.resolution)) for s in scale)
+
+
+def one_step_at_size_key(student: nn.Module, backbone, prompts: list[str], height: int, width: int, seed: int,
+                         settings: dict[str, int] | None = None) -> dict:
+    """Everything that determines :func:`one_step_at_size`'s images (for records of their scores): the student's,
+    text encoder's and VAE's weights, the prompts, the size, the seed and the re-dilation."""
+    key = {**one_step_key(backbone, prompts, seed), "student": module_digest(student), "sampler": "one-step-at-size",
+           "height": int(height), "width": int(width), "redilation": dict(sorted((settings or {}).items()))}
+    del key["teacher"], key["image_size"]
+    return key
 
 
 @torch.no_grad()
