@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from wadi_core.adapters import inject
-from wadi_core.backbones import load_backbone
 from wadi_core.distill import export_student
 from wadi_core.tasks import (
     ControlledDenoiser,
@@ -40,19 +38,11 @@ PROMPTS = ["a red circle", "a blue square left of a green triangle", "a big yell
 
 
 @pytest.fixture(scope="module")
-def world(smoke_profile, tmp_path_factory):
+def world(sd15_smoke_student):
     """(profile, the SD1.5-structured smoke backbone, 16 held-out scenes with condition maps, a LoRaD student)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("WADI_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        backbone = load_backbone("smoke-sd15")
-        student = load_backbone("smoke-sd15").denoiser
-    inject(student, "lorad", rank=2)
-    split = make_split("coco14-like", smoke_profile.world, with_maps=True, count=16)
-    with torch.no_grad():
-        for name, param in student.named_parameters():
-            if param.requires_grad:
-                param.normal_(std=0.05, generator=torch.Generator().manual_seed(len(name)))
-    return smoke_profile, backbone, split, student
+    profile, backbone, student = sd15_smoke_student
+    split = make_split("coco14-like", profile.world, with_maps=True, count=16)
+    return profile, backbone, split, student
 
 
 def _trained_controlnet(backbone, config):

@@ -230,6 +230,57 @@ class HighResConfig:
 
 
 @dataclass(frozen=True)
+class ReVersionConfig:
+    """Notebook 05 §3: relation inversion (ReVersion, Huang et al. 2024): one new token learned in the frozen text
+    encoder from exemplars of a relation the captions never name, with the denoising loss, relation-focal
+    timesteps f(t) ∝ 1 − α·cos(πt/T) and the relation-steering InfoNCE (τ = 0.07, weight 0.01; the paper's values).
+    """
+
+    token: str = "<R>"  # the placeholder; must be new to the tokenizer
+    relation: str = "above"  # ShapesWorld draws it but captions it "and" (wadi_core.world.scenes)
+    # ReVersion initialises <R> from "and"; here "and" already means "above" (the world's caption of it), so the
+    # token starts from a neutral function word of the captions instead.
+    initializer: str = "the"
+    exemplars: int = 10  # exemplar images ("X above Y"), as ReVersion's ~10 per relation
+    positives: tuple[str, ...] = ("left", "right", "below", "of", "at", "in")  # the preposition prior
+    num_positives: int = 4  # prepositions sampled per step
+    steering_weight: float = 0.01
+    temperature: float = 0.07
+    focal_alpha: float = 0.5
+    steps: int = 400
+    batch_size: int = 8
+    lr: float = 5e-3
+    eval_pairs: int = 128  # held-out (colour, shape) pairs measured, none of them in an exemplar
+    eval_seeds: int = 2  # images per pair
+    timing_images: int = 32
+    seed: int = 11
+
+
+@dataclass(frozen=True)
+class DreamBoothConfig:
+    """Notebook 05 §4: DreamBooth-style customisation (Ruiz et al. 2023) of the teacher and of the one-step student
+    with LoRaD vs LoRA vs DoRA at equal trainable parameters: a rare token for a subject the world never drew,
+    prior preservation with the model's own samples of the class word."""
+
+    subject_shape: str = "cross"  # a plus sign: outside ShapesWorld's grammar (wadi_core.world.render)
+    subject_color: str = "yellow"
+    class_word: str = "square"  # the nearest shape word the captions have
+    subject_token: str | None = None  # None: a rare single token the captions never use (SD1.5: "sks")
+    exemplar_folder: str | None = None  # a folder of subject images (paper path); None renders the tiny subject
+    exemplars: int = 5
+    prior_prompt: str = "a {color} {class_word}"  # the class prompts, {color} cycling over ShapesWorld's colours
+    prior_images: int = 64  # the class word's own samples (prior preservation)
+    prior_weight: float = 1.0
+    methods: tuple[str, ...] = ("lorad", "lora", "dora")
+    rank: int = 4  # LoRaD's rank; LoRA's and DoRA's are matched to its trainable parameters
+    steps: int = 300
+    batch_size: int = 4  # subject images per step (and as many prior images)
+    subject_images: int = 16  # images of the plain subject prompt "a <S> {class_word}" (subject fidelity)
+    eval_seeds: int = 2  # images per colour × position prompt (prompt fidelity, prior drift)
+    seed: int = 12
+
+
+@dataclass(frozen=True)
 class PaperDataConfig:
     """The data and released models the paper path reads (docs/paper_notes.md#evaluation-protocols); paths are
     relative to the working directory or absolute. Only the paper-scale cells of notebooks 01 and 04 use them."""
@@ -263,6 +314,8 @@ class Profile:
     distill: DistillConfig = field(default_factory=DistillConfig)
     controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
     highres: HighResConfig = field(default_factory=HighResConfig)
+    reversion: ReVersionConfig = field(default_factory=ReVersionConfig)
+    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
     paper_data: PaperDataConfig = field(default_factory=PaperDataConfig)
     needs_gpu: bool = False
 
@@ -272,7 +325,7 @@ class Profile:
         return {
             name: getattr(self, name).seed
             for name in ("world", "clip", "teacher", "vae", "reader", "sampling", "adapters", "distill", "controlnet",
-                         "highres")
+                         "highres", "reversion", "dreambooth")
         }
 
     def to_dict(self) -> dict:
@@ -302,6 +355,9 @@ def _smoke(name: str = "smoke", backbone: str = "tiny-smoke") -> Profile:
         controlnet=ControlNetConfig(steps=3, batch_size=4, warmup_steps=1, eval_maps=32,
                                     conditioning_scales=(0.5, 1.0), timing_images=4, timing_steps=(2,)),
         highres=HighResConfig(prompts=32),
+        reversion=ReVersionConfig(exemplars=4, steps=3, batch_size=2, eval_pairs=8, eval_seeds=1, timing_images=4),
+        dreambooth=DreamBoothConfig(exemplars=4, prior_images=4, rank=2, steps=3, batch_size=2, subject_images=4,
+                                    eval_seeds=1),
     )
 
 
@@ -326,6 +382,10 @@ def _paper() -> Profile:
         controlnet=ControlNetConfig(conditions=("edge",), pretrained=(("edge", "lllyasviel/sd-controlnet-canny"),),
                                     eval_maps=5_000),
         highres=HighResConfig(prompts=1_000),
+        # DreamBooth's rare token on SD1.5; its subject folder is the user's (e.g. a DreamBooth dataset subject).
+        dreambooth=DreamBoothConfig(subject_token="sks", class_word="dog", exemplar_folder="data/dreambooth/dog",
+                                    prior_prompt="a photo of a {class_word}",
+                                    prior_images=200, rank=64, steps=800, batch_size=1, eval_seeds=4),
         needs_gpu=True,
     )
 

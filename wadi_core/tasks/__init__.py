@@ -1,7 +1,8 @@
 """The one-step student's downstream tasks (WaDi's last section; notebook 05), one file per task: ControlNet
-(:mod:`.controlnet`) and ScaleCrafter-style high-resolution synthesis with re-dilated convolutions
-(:mod:`.highres`)."""
+(:mod:`.controlnet`), ScaleCrafter-style high-resolution synthesis with re-dilated convolutions (:mod:`.highres`),
+ReVersion-style relation inversion (:mod:`.reversion`) and DreamBooth-style customisation (:mod:`.dreambooth`)."""
 
+from . import dreambooth, reversion
 from .controlnet import (
     CONDITIONS,
     ControlledDenoiser,
@@ -34,4 +35,5 @@ __all__ = ["CONDITIONS", "ControlledDenoiser", "cached_controlnet_samples", "con
            "controlnet_pipeline", "controlnet_sample", "controlnet_samples_key", "count_objects", "image_size",
            "load_or_train_controlnet", "mask_iou", "object_mask", "one_step_at_size", "one_step_at_size_key",
            "one_step_controlnet_key", "read_dilation_settings", "redilated", "redilation_settings",
-           "repetition_rate", "seconds_per_image", "to_training_size", "train_controlnet"]
+           "repetition_rate", "reversion", "dreambooth", "seconds_per_image", "to_training_size",
+           "train_controlnet"]

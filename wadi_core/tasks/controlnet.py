@@ -126,7 +126,7 @@ def new_controlnet(unet: nn.Module, config: ControlNetConfig) -> ControlNetModel
 
 
 @torch.no_grad()
-def _training_targets(backbone, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+def training_latents(backbone, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """x0 of the ε-loss: the scaled VAE latents of ``images`` (uint8) or, in pixel space, the images in [−1, 1]."""
     pixels = images.float() / 127.5 - 1
     if backbone.vae is None:
@@ -143,7 +143,7 @@ def train_controlnet(backbone, dataset: ShapesDataset, condition: str, config: C
     gradient clipping at 1.0. Returns the ControlNet (eval mode, frozen) and its log."""
     torch.manual_seed(config.seed)
     controlnet = new_controlnet(backbone.denoiser, config).train()
-    x0 = _training_targets(backbone, dataset.images)
+    x0 = training_latents(backbone, dataset.images)
     control = control_images(dataset, condition, backbone.resolution)
     captions = sorted(set(dataset.captions))
     caption_index = torch.tensor(_index_of(captions, dataset.captions))

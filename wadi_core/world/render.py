@@ -16,10 +16,11 @@ from .scenes import _REFERENCE_RESOLUTION, COLORS, Scene, ShapesObject
 SUPERSAMPLING = 4
 SQUARE_HALF_SIDE = 0.85  # × radius: squares, circles and triangles of one radius have similar areas
 TRIANGLE_CIRCUMRADIUS = 1.15  # × radius
+CROSS_ARM_HALF_WIDTH = 0.38  # × radius: the "cross" (a plus sign), a shape outside the grammar (DreamBooth's subject)
 
 
 def shape_polygon(obj: ShapesObject, scale: float) -> list[tuple[float, float]] | None:
-    """Polygon of a square or triangle in supersampled pixels (None for circles)."""
+    """Polygon of a square, triangle or (off-grammar) cross in supersampled pixels (None for circles)."""
     cx, cy, r = obj.cx * scale, obj.cy * scale, obj.radius * scale
     if obj.shape == "square":
         h = SQUARE_HALF_SIDE * r
@@ -27,6 +28,11 @@ def shape_polygon(obj: ShapesObject, scale: float) -> list[tuple[float, float]] 
     if obj.shape == "triangle":
         R = TRIANGLE_CIRCUMRADIUS * r  # pointing up, centroid at the object's centre
         return [(cx + R * math.cos(a), cy - R * math.sin(a)) for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]
+    if obj.shape == "cross":
+        a, w = r, CROSS_ARM_HALF_WIDTH * r
+        outline = [(w, a), (w, w), (a, w), (a, -w), (w, -w), (w, -a), (-w, -a), (-w, -w), (-a, -w), (-a, w),
+                   (-w, w), (-w, a)]
+        return [(cx + x, cy + y) for x, y in outline]
     if obj.shape == "circle":
         return None
     raise ValueError(f"unknown shape {obj.shape!r}")

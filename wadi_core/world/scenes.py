@@ -112,9 +112,11 @@ def _pair_centres(rng: np.random.Generator, relation: str) -> tuple[tuple[float,
     raise ValueError(f"unknown relation {relation!r}; choose one of {RELATIONS}")
 
 
-def sample_two_object_scene(rng: np.random.Generator) -> Scene:
+def sample_two_object_scene(rng: np.random.Generator, relation: str | None = None) -> Scene:
+    """Two distinct (colour, shape) objects in a random relation, or in ``relation`` when given (the exemplars
+    of relation inversion)."""
     first, second = rng.choice(len(COMBOS), size=2, replace=False)  # two distinct (colour, shape) objects
-    relation = str(rng.choice(RELATIONS))
+    relation = str(rng.choice(RELATIONS)) if relation is None else relation
     centres = _pair_centres(rng, relation)
     objects = tuple(
         ShapesObject(*COMBOS[int(combo)], cx, cy, float(rng.uniform(*PAIR_RADIUS)))
