@@ -119,8 +119,12 @@ def test_relation_scores_read_rendered_relations(smoke_profile):
     config = dataclasses.replace(smoke_profile.reversion, exemplars=6)
     images, pairs, _ = rv.relation_exemplars(config, 32)
     scores = rv.relation_scores(reader, images.float() / 255, pairs)
-    assert set(scores) == {"relation", "entities", "relation | both found"}
+    assert set(scores) == {"relation", "entities", "relation given both found", "reversed"}
     assert all(0 <= v <= 1 for v in scores.values() if v == v)
+    swapped = rv.relation_scores(reader, images.float() / 255, [(b, a) for a, b in pairs])
+    assert swapped["reversed"] == scores["relation"] and swapped["relation"] == scores["reversed"]
+    with pytest.raises(ValueError, match="'near'"):
+        rv.relation_scores(reader, images.float() / 255, pairs, relation="near")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -215,6 +219,9 @@ def test_load_or_train_dreambooth_round_trip(world):
     assert first.trained and not again.trained
     for (name, a), (_, b) in zip(first.model.state_dict().items(), again.model.state_dict().items()):
         assert torch.equal(a, b), name
+    measured_more = dataclasses.replace(profile, dreambooth=dataclasses.replace(
+        profile.dreambooth, subject_images=profile.dreambooth.subject_images + 8, eval_seeds=3))
+    assert not db.load_or_train_dreambooth(measured_more, *args[1:]).trained  # evaluation settings do not retrain
     with pytest.raises(ValueError, match="unknown base"):
         db.load_or_train_dreambooth(profile, backbone, backbone.denoiser, "vae", "lora", 2, exemplars, token, 1e-3)
 
@@ -239,3 +246,16 @@ def test_subject_similarity_prefers_the_subject(smoke_profile):
     exemplars = db.subject_exemplars(smoke_profile.dreambooth, 32)
     same = db.subject_similarity(reader, exemplars.float() / 255, exemplars)
     assert same.shape == (len(exemplars),) and torch.all(same <= 1 + 1e-5)
+
+
+def test_cross_rate_reads_the_subject_and_no_world_shape(smoke_profile):
+    exemplars = db.subject_exemplars(dataclasses.replace(smoke_profile.dreambooth, exemplars=64), 32)
+    assert db.cross_rate(exemplars.float() / 255) == 1.0
+    real = make_split("coco14-like", smoke_profile.world).images_float() / 2 + 0.5
+    assert db.cross_rate(real) <= 0.01
+    for shape in ("square", "circle", "triangle"):
+        scene = Scene(objects=(ShapesObject("red", shape, 16, 16, 8),), caption="")
+        image = torch.from_numpy(render_scene(scene)).permute(2, 0, 1)[None].float() / 255
+        assert db.cross_rate(image) == 0.0, shape
+    cells = db.cross_cells(torch.zeros(2, 3, 32, 32))
+    assert cells.shape == (2, 3, 3) and not cells.any()

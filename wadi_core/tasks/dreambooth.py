@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from scipy import ndimage
 from torch import nn
 from tqdm import tqdm
 
@@ -45,6 +46,7 @@ from .reversion import one_step_reconstruction_loss
 DREAMBOOTH_KIND = "dreambooth"
 BASES = ("teacher", "student")
 EXEMPLAR_STREAM = 104_729  # the subject's own random stream
+EVALUATION_FIELDS = ("methods", "subject_images", "eval_seeds")  # DreamBoothConfig fields that do not shape training
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -275,7 +277,8 @@ def load_or_train_dreambooth(profile: Profile, backbone, base: nn.Module, base_n
     prior_prompts = class_prompts(config, config.prior_images)
     key = {"base": module_digest(base), "base_name": base_name, "method": method, "rank": rank, "lr": lr,
            "token": token, "exemplars": tensor_digest(exemplars), "prior_prompts": prior_prompts,
-           "sampling": (sampling.num_inference_steps, sampling.guidance_scale), "dreambooth": config}
+           "sampling": (sampling.num_inference_steps, sampling.guidance_scale),
+           "dreambooth": {k: v for k, v in dataclasses.asdict(config).items() if k not in EVALUATION_FIELDS}}
 
     def build(_metadata):
         model = plain_copy(base)
@@ -337,6 +340,31 @@ def color_and_position(images: torch.Tensor, threshold: float = 0.25) -> list[tu
         cx, cy = (xs[m].float().mean().item() + 0.5) * scale, (ys[m].float().mean().item() + 0.5) * scale
         out.append((color, region_of(cx, cy)))
     return out
+
+
+def cross_cells(images: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
+    """Per image (B, 3, 3): the object pixels' share of each cell of the 3 × 3 grid over the bounding box of the
+    largest 8-connected object (:func:`wadi_core.tasks.object_mask`'s rule); zeros for an empty image. A plus sign
+    fills the centre row and column and leaves the four corner cells empty; a square fills all nine."""
+    out = torch.zeros(len(images), 3, 3)
+    for i, mask in enumerate((images.amax(dim=1) > threshold).numpy()):
+        labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        if not count:
+            continue
+        largest = labels == 1 + int(np.argmax(ndimage.sum(mask, labels, range(1, count + 1))))
+        ys, xs = np.nonzero(largest)
+        box = torch.from_numpy(largest[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]).float()
+        out[i] = F.avg_pool2d(F.interpolate(box[None, None], size=(30, 30), mode="nearest"), 10)[0, 0]
+    return out
+
+
+def cross_rate(images: torch.Tensor, threshold: float = 0.25, corner_max: float = 0.4, arm_min: float = 0.6) -> float:
+    """Share of images whose largest object reads as the subject's plus sign by :func:`cross_cells`: every corner
+    cell at most ``corner_max`` filled, the centre and the four arm cells at least ``arm_min`` (subject shape)."""
+    cells = cross_cells(images, threshold)
+    corners = cells[:, [0, 0, 2, 2], [0, 2, 0, 2]]
+    arms = cells[:, [0, 1, 1, 1, 2], [1, 0, 1, 2, 1]]
+    return float(((corners.amax(dim=1) <= corner_max) & (arms.amin(dim=1) >= arm_min)).float().mean())
 
 
 def prompt_fidelity(images: torch.Tensor, wanted: list[tuple[str, str]], threshold: float = 0.25) -> dict[str, float]:

@@ -268,15 +268,22 @@ def load_or_train_relation_token(profile: Profile, backbone, variant: str, stude
 # --------------------------------------------------------------------------------------------------------------
 
 
+OPPOSITE_RELATION = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+
+
 def relation_scores(reader, images: torch.Tensor, pairs, relation: str = "above") -> dict[str, float]:
     """Relation and entity accuracy of images of ``pairs``, read as ``"a X {relation} a Y"``: ``relation`` (both
-    objects found and the first in ``relation`` to the second), ``entities`` (exactly the two objects found) and
-    ``relation | both found``."""
+    objects found and the first in ``relation`` to the second), ``entities`` (exactly the two objects found),
+    ``relation given both found``, and ``reversed`` (both found, the first in the opposite relation: the objects
+    placed along the right axis in the wrong order)."""
+    if relation not in OPPOSITE_RELATION:
+        raise ValueError(f"unknown relation {relation!r}; choose one of {', '.join(OPPOSITE_RELATION)}")
     table = attribute_table(reader, images, [relation_prompt(pair, relation) for pair in pairs])
+    opposite = attribute_table(reader, images, [relation_prompt(pair, OPPOSITE_RELATION[relation]) for pair in pairs])
     found = table["objects"].astype(bool)
     return {"relation": float(table["relation"].astype(float).mean()), "entities": float(found.mean()),
-            "relation | both found": float(table.loc[found, "relation"].astype(float).mean()) if found.any()
-            else float("nan")}
+            "relation given both found": float(table.loc[found, "relation"].astype(float).mean()) if found.any()
+            else float("nan"), "reversed": float(opposite["relation"].astype(float).mean())}
 
 
 def nearest_words(backbone, embedding: torch.Tensor, words: list[str]) -> pd.Series:
