@@ -106,6 +106,9 @@ def test_load_or_train_relation_token_round_trip_and_errors(world):
     first = rv.load_or_train_relation_token(profile, backbone, "teacher, no steering", progress=False)
     again = rv.load_or_train_relation_token(profile, backbone, "teacher, no steering", progress=False)
     assert first.trained and not again.trained and torch.equal(first.model.embedding, again.model.embedding)
+    dropped = rv.load_or_train_relation_token(profile, backbone, "teacher, no opposite positive", progress=False)
+    assert dropped.trained and "below" in profile.reversion.positives
+    assert dropped.config.positives == tuple(w for w in profile.reversion.positives if w != "below")
     with pytest.raises(ValueError, match="unknown variant"):
         rv.load_or_train_relation_token(profile, backbone, "vae")
     with pytest.raises(ValueError, match="pass student="):

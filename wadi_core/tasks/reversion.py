@@ -40,11 +40,13 @@ from ..world.scenes import sample_two_object_scene
 from .controlnet import training_latents
 
 TOKEN_KIND = "relation_token"
-VARIANTS = {  # name: (through, steering)
-    "teacher": ("teacher", True),
-    "teacher, no steering": ("teacher", False),
-    "student": ("student", True),
+VARIANTS = {  # name: (through, steering, the opposite relation's word dropped from the steering positives)
+    "teacher": ("teacher", True, False),
+    "teacher, no steering": ("teacher", False, False),
+    "teacher, no opposite positive": ("teacher", True, True),
+    "student": ("student", True, False),
 }
+OPPOSITE_RELATION = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
 EXEMPLAR_STREAM = 7_919  # the exemplars' own random stream (disjoint from the world's splits by the offset)
 
 
@@ -241,13 +243,17 @@ def train_relation_token(backbone, images: torch.Tensor, captions: list[str], co
 def load_or_train_relation_token(profile: Profile, backbone, variant: str, student: nn.Module | None = None,
                                  progress: bool = True) -> TrainedModel:
     """The cached ``<R>`` of ``variant`` (one of :data:`VARIANTS`: through the teacher with or without the steering
-    loss, or through the one-step ``student``), else learned from :func:`relation_exemplars`."""
+    loss or with the opposite relation's word left out of its positives, or through the one-step ``student``), else
+    learned from :func:`relation_exemplars`."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    through, steering = VARIANTS[variant]
+    through, steering, drop_opposite = VARIANTS[variant]
     if through == "student" and student is None:
         raise ValueError(f"variant {variant!r} learns the token through a one-step student; pass student=")
     config = profile.reversion
+    if drop_opposite:  # does the opposite relation among the positives explain what the steering loss does?
+        opposite = OPPOSITE_RELATION[config.relation].split()[0]
+        config = dataclasses.replace(config, positives=tuple(w for w in config.positives if w != opposite))
     key = {"text_encoder": module_digest(backbone.text_encoder), "world": profile.world, "reversion": config,
            "steering": steering, "through": through,
            "denoiser": module_digest(backbone.denoiser if through == "teacher" else student)}
@@ -266,9 +272,6 @@ def load_or_train_relation_token(profile: Profile, backbone, variant: str, stude
 # --------------------------------------------------------------------------------------------------------------
 # Measurement
 # --------------------------------------------------------------------------------------------------------------
-
-
-OPPOSITE_RELATION = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
 
 
 def relation_scores(reader, images: torch.Tensor, pairs, relation: str = "above") -> dict[str, float]:
