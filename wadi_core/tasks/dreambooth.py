@@ -40,7 +40,7 @@ from ..profiles import DreamBoothConfig, Profile
 from ..world import COLORS, POSITIONS, region_of
 from ..world.render import render_scene
 from ..world.scenes import Scene, ShapesObject, position_phrase
-from .controlnet import training_latents
+from .controlnet import object_mask, training_latents
 from .reversion import one_step_reconstruction_loss
 
 DREAMBOOTH_KIND = "dreambooth"
@@ -347,7 +347,7 @@ def cross_cells(images: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
     largest 8-connected object (:func:`wadi_core.tasks.object_mask`'s rule); zeros for an empty image. A plus sign
     fills the centre row and column and leaves the four corner cells empty; a square fills all nine."""
     out = torch.zeros(len(images), 3, 3)
-    for i, mask in enumerate((images.amax(dim=1) > threshold).numpy()):
+    for i, mask in enumerate(object_mask(images, threshold).cpu().numpy()):
         labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
         if not count:
             continue

@@ -33,6 +33,7 @@ from ..backbones.denoisers import check_denoiser_matches
 from ..diffusion import one_step_x0
 from ..eval.attributes import parse_prompt
 from ..eval.samples import one_step_key
+from .controlnet import object_mask
 
 LOWEST = "lowest"  # the U-Net's lowest-resolution level: its last down block, the mid block, its first up block
 # The convolutions ScaleCrafter dilates inside a block: the resnets' two 3×3 convs and the upsampler's conv.
@@ -184,7 +185,7 @@ def count_objects(images: torch.Tensor, threshold: float = 0.25, min_pixels: int
     """Objects per image (B,) by a fixed rule: the pixels whose brightest channel exceeds ``threshold``
     (ShapesWorld's saturated colours on black), grouped into 8-connected components, those of at least
     ``min_pixels`` pixels counted. Touching objects count once, so the rule never over-counts a real scene."""
-    foreground = (images.amax(dim=1) > threshold).cpu().numpy()
+    foreground = object_mask(images, threshold).cpu().numpy()
     counts = []
     for mask in foreground:
         labels, found = ndimage.label(mask, structure=np.ones((3, 3), dtype=int))
