@@ -18,6 +18,7 @@ from wadi_core.tasks import (
     controlnet_sample,
     load_or_train_controlnet,
     mask_iou,
+    object_components,
     object_mask,
     train_controlnet,
 )
@@ -161,6 +162,16 @@ def test_object_mask_recovers_rendered_masks(smoke_profile):
     split = make_split("coco14-like", smoke_profile.world, with_maps=True, count=64)
     iou = mask_iou(object_mask(split.images_float() / 2 + 0.5), split.masks[:, 0].bool())
     assert iou.mean() > 0.85 and iou.min() > 0.5
+
+
+def test_object_components_join_diagonal_neighbours():
+    images = torch.zeros(2, 3, 8, 8)
+    images[0, 0, 1, 1] = images[0, 0, 2, 2] = 1.0  # diagonal neighbours: one 8-connected object
+    images[0, 2, 5:7, 5:8] = 0.9  # a second object of 6 pixels
+    images[0, 1, 0, 7] = 0.2  # below the threshold: background
+    (labels, sizes), (empty_labels, empty_sizes) = object_components(images)
+    assert sorted(sizes.tolist()) == [2, 6] and labels[1, 1] == labels[2, 2] != 0 and labels[0, 7] == 0
+    assert not empty_labels.any() and len(empty_sizes) == 0
 
 
 def test_mask_iou():

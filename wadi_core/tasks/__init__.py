@@ -14,6 +14,7 @@ from .controlnet import (
     controlnet_samples_key,
     load_or_train_controlnet,
     mask_iou,
+    object_components,
     object_mask,
     one_step_controlnet_key,
     seconds_per_image,
@@ -33,7 +34,7 @@ from .highres import (
 
 __all__ = ["CONDITIONS", "ControlledDenoiser", "cached_controlnet_samples", "control_images", "controlnet_one_step",
            "controlnet_pipeline", "controlnet_sample", "controlnet_samples_key", "count_objects", "image_size",
-           "load_or_train_controlnet", "mask_iou", "object_mask", "one_step_at_size", "one_step_at_size_key",
-           "one_step_controlnet_key", "read_dilation_settings", "redilated", "redilation_settings",
-           "repetition_rate", "reversion", "dreambooth", "seconds_per_image", "to_training_size",
-           "train_controlnet"]
+           "load_or_train_controlnet", "mask_iou", "object_components", "object_mask", "one_step_at_size",
+           "one_step_at_size_key", "one_step_controlnet_key", "read_dilation_settings", "redilated",
+           "redilation_settings", "repetition_rate", "reversion", "dreambooth", "seconds_per_image",
+           "to_training_size", "train_controlnet"]

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from scipy import ndimage
 from torch import nn
 from tqdm import tqdm
 
@@ -40,7 +39,7 @@ from ..profiles import DreamBoothConfig, Profile
 from ..world import COLORS, POSITIONS, region_of
 from ..world.render import render_scene
 from ..world.scenes import Scene, ShapesObject, position_phrase
-from .controlnet import object_mask, training_latents
+from .controlnet import object_components, training_latents
 from .reversion import one_step_reconstruction_loss
 
 DREAMBOOTH_KIND = "dreambooth"
@@ -344,14 +343,13 @@ def color_and_position(images: torch.Tensor, threshold: float = 0.25) -> list[tu
 
 def cross_cells(images: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
     """Per image (B, 3, 3): the object pixels' share of each cell of the 3 × 3 grid over the bounding box of the
-    largest 8-connected object (:func:`wadi_core.tasks.object_mask`'s rule); zeros for an empty image. A plus sign
+    largest object (:func:`wadi_core.tasks.object_components`); zeros for an empty image. A plus sign
     fills the centre row and column and leaves the four corner cells empty; a square fills all nine."""
     out = torch.zeros(len(images), 3, 3)
-    for i, mask in enumerate(object_mask(images, threshold).cpu().numpy()):
-        labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
-        if not count:
+    for i, (labels, sizes) in enumerate(object_components(images, threshold)):
+        if not len(sizes):
             continue
-        largest = labels == 1 + int(np.argmax(ndimage.sum(mask, labels, range(1, count + 1))))
+        largest = labels == 1 + int(np.argmax(sizes))
         ys, xs = np.nonzero(largest)
         box = torch.from_numpy(largest[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]).float()
         out[i] = F.avg_pool2d(F.interpolate(box[None, None], size=(30, 30), mode="nearest"), 10)[0, 0]

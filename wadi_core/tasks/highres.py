@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from torch import nn
 
 from ..artifacts import module_digest
@@ -33,7 +32,7 @@ from ..backbones.denoisers import check_denoiser_matches
 from ..diffusion import one_step_x0
 from ..eval.attributes import parse_prompt
 from ..eval.samples import one_step_key
-from .controlnet import object_mask
+from .controlnet import object_components
 
 LOWEST = "lowest"  # the U-Net's lowest-resolution level: its last down block, the mid block, its first up block
 # The convolutions ScaleCrafter dilates inside a block: the resnets' two 3×3 convs and the upsampler's conv.
@@ -185,13 +184,7 @@ def count_objects(images: torch.Tensor, threshold: float = 0.25, min_pixels: int
     """Objects per image (B,) by a fixed rule: the pixels whose brightest channel exceeds ``threshold``
     (ShapesWorld's saturated colours on black), grouped into 8-connected components, those of at least
     ``min_pixels`` pixels counted. Touching objects count once, so the rule never over-counts a real scene."""
-    foreground = object_mask(images, threshold).cpu().numpy()
-    counts = []
-    for mask in foreground:
-        labels, found = ndimage.label(mask, structure=np.ones((3, 3), dtype=int))
-        sizes = np.bincount(labels.ravel())[1:]
-        counts.append(int((sizes >= min_pixels).sum()) if found else 0)
-    return np.array(counts)
+    return np.array([int((sizes >= min_pixels).sum()) for _, sizes in object_components(images, threshold)])
 
 
 def named_objects(prompts: list[str]) -> np.ndarray:
