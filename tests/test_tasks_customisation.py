@@ -106,6 +106,9 @@ def test_load_or_train_relation_token_round_trip_and_errors(world):
     first = rv.load_or_train_relation_token(profile, backbone, "teacher, no steering", progress=False)
     again = rv.load_or_train_relation_token(profile, backbone, "teacher, no steering", progress=False)
     assert first.trained and not again.trained and torch.equal(first.model.embedding, again.model.embedding)
+    measured_more = dataclasses.replace(
+        profile, reversion=dataclasses.replace(profile.reversion, eval_pairs=99, eval_seeds=3, timing_images=7))
+    assert not rv.load_or_train_relation_token(measured_more, backbone, "teacher, no steering", progress=False).trained
     dropped = rv.load_or_train_relation_token(profile, backbone, "teacher, no opposite positive", progress=False)
     assert dropped.trained and "below" in profile.reversion.positives
     assert dropped.config.positives == tuple(w for w in profile.reversion.positives if w != "below")

@@ -47,6 +47,7 @@ VARIANTS = {  # name: (through, steering, the opposite relation's word dropped f
     "student": ("student", True, False),
 }
 OPPOSITE_RELATION = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+EVALUATION_FIELDS = ("eval_pairs", "eval_seeds", "timing_images")  # ReVersionConfig fields that do not shape <R>
 EXEMPLAR_STREAM = 7_919  # the exemplars' own random stream (disjoint from the world's splits by the offset)
 
 
@@ -254,7 +255,8 @@ def load_or_train_relation_token(profile: Profile, backbone, variant: str, stude
     if drop_opposite:  # does the opposite relation among the positives explain what the steering loss does?
         opposite = OPPOSITE_RELATION[config.relation].split()[0]
         config = dataclasses.replace(config, positives=tuple(w for w in config.positives if w != opposite))
-    key = {"text_encoder": module_digest(backbone.text_encoder), "world": profile.world, "reversion": config,
+    key = {"text_encoder": module_digest(backbone.text_encoder), "world": profile.world,
+           "reversion": {k: v for k, v in dataclasses.asdict(config).items() if k not in EVALUATION_FIELDS},
            "steering": steering, "through": through,
            "denoiser": module_digest(backbone.denoiser if through == "teacher" else student)}
     dim = backbone.text_encoder.get_input_embeddings().weight.shape[1]
