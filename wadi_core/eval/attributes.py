@@ -75,7 +75,9 @@ def read_objects(reader: ShapesFeatureNet, images: torch.Tensor, batch_size: int
 
 
 def attribute_table(reader: ShapesFeatureNet, images: torch.Tensor, prompts: list[str]) -> pd.DataFrame:
-    """One row per image: which named attributes were read back correctly (NaN where the prompt is silent)."""
+    """One row per image: which named attributes were read back correctly (NaN where the prompt is silent), and
+    for a prompt naming a relation, ``relation read``: how the first named object sits to the second (None unless
+    both were found)."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     presence, geometry = read_objects(reader, images)
@@ -94,6 +96,7 @@ def attribute_table(reader: ShapesFeatureNet, images: torch.Tensor, prompts: lis
             "size": float("nan"),
             "position": float("nan"),
             "relation": float("nan"),
+            "relation read": None,
         }
         first = COMBOS.index(spec.objects[0])
         cx, cy, radius = geo[first].tolist()
@@ -104,7 +107,8 @@ def attribute_table(reader: ShapesFeatureNet, images: torch.Tensor, prompts: lis
         if spec.relation is not None:
             second = COMBOS.index(spec.objects[1])
             second_centre = tuple(geo[second, :2].tolist())
-            row["relation"] = wanted <= found and relation_between((cx, cy), second_centre) == spec.relation
+            row["relation read"] = relation_between((cx, cy), second_centre) if wanted <= found else None
+            row["relation"] = row["relation read"] == spec.relation
         named = [row[k] for k in ("size", "position", "relation") if row[k] == row[k]]  # skip NaN
         row["all"] = bool(row["objects"] and all(named))
         rows.append(row)

@@ -284,11 +284,10 @@ def relation_scores(reader, images: torch.Tensor, pairs, relation: str = "above"
     if relation not in OPPOSITE_RELATION:
         raise ValueError(f"unknown relation {relation!r}; choose one of {', '.join(OPPOSITE_RELATION)}")
     table = attribute_table(reader, images, [relation_prompt(pair, relation) for pair in pairs])
-    opposite = attribute_table(reader, images, [relation_prompt(pair, OPPOSITE_RELATION[relation]) for pair in pairs])
     found = table["objects"].astype(bool)
     return {"relation": float(table["relation"].astype(float).mean()), "entities": float(found.mean()),
             "relation given both found": float(table.loc[found, "relation"].astype(float).mean()) if found.any()
-            else float("nan"), "reversed": float(opposite["relation"].astype(float).mean())}
+            else float("nan"), "reversed": float((table["relation read"] == OPPOSITE_RELATION[relation]).mean())}
 
 
 def nearest_words(backbone, embedding: torch.Tensor, words: list[str]) -> pd.Series:
