@@ -14,6 +14,7 @@ from wadi_core.eval import (
     fid,
     parse_prompt,
     save_images,
+    temporary_image_folder,
 )
 from wadi_core.eval.fid import _keep_native_resolution
 from wadi_core.profiles import WorldConfig
@@ -56,6 +57,14 @@ def test_fid_is_clean_fid_with_our_extractor(folders, net):
 
 def test_fid_of_a_set_with_itself_is_zero(folders, net):
     assert fid(folders[0], folders[0], features=net) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_temporary_image_folders_are_private_and_removed():
+    images = torch.rand(3, 3, 8, 8)
+    with temporary_image_folder(images, "student") as first, temporary_image_folder(images[:2], "student") as second:
+        assert first != second and first.name.startswith("student-")  # side-by-side scorers never share a folder
+        assert len(list(first.glob("*.png"))) == 3 and len(list(second.glob("*.png"))) == 2
+    assert not first.exists() and not second.exists()
 
 
 def test_fid_needs_image_folders(tmp_path, folders, net):

@@ -19,10 +19,10 @@ from .fid import (
     fid,
     file_sha256,
     folder_features,
-    image_folder,
     reference_folder,
     reference_stats,
     save_images,
+    temporary_image_folder,
 )
 from .manifold import precision_recall
 from .protocols import PROTOCOLS, coco_protocol, one_step_generator, require_cleanfid_inception, write_coco_stand_in

@@ -21,7 +21,10 @@ import importlib.metadata
 import json
 import os
 import shutil
+import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from glob import glob
 from pathlib import Path
@@ -72,12 +75,19 @@ def save_images(images: torch.Tensor, folder: Path, start_index: int = 0, progre
     return paths
 
 
-def image_folder(images: torch.Tensor, name: str) -> Path:
-    """A fresh cache folder ``<cache>/images/<name>`` holding exactly ``images`` (in [0, 1]) as PNGs."""
-    folder = cache_dir() / "images" / name
-    shutil.rmtree(folder, ignore_errors=True)
-    save_images(images, folder)
-    return folder
+@contextmanager
+def temporary_image_folder(images: torch.Tensor, name: str) -> Iterator[Path]:
+    """A private folder ``<cache>/images/<name>-<random>`` holding exactly ``images`` (in [0, 1]) as PNGs while the
+    context lasts, removed on exit: scorers running side by side (two notebooks, two training jobs) never read
+    one another's images."""
+    root = cache_dir() / "images"
+    root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
+    try:
+        save_images(images, folder)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def reference_folder(dataset: ShapesDataset, world_config) -> Path:

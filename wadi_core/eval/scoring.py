@@ -13,7 +13,7 @@ from ..distill import one_step_generate
 from .attributes import attribute_accuracy
 from .clip_score import PaperClipScorer, clip_score, clip_score_paper
 from .features import ShapesFeatureNet
-from .fid import fid, folder_features, image_folder
+from .fid import fid, folder_features, temporary_image_folder
 from .manifold import precision_recall
 
 
@@ -36,24 +36,24 @@ def score_images(images: torch.Tensor, prompts: list[str], reference: Path, *, f
         clip: the tiny CLIP model (with ``tokenizer``) or an open_clip :class:`PaperClipScorer` (paper world).
         tokenizer: the tiny CLIP's tokenizer; required with a ``CLIPModel``.
         precision_recall_k: neighbours for precision/recall; None skips them.
-        name: cache sub-folder the images are written to as PNGs for clean-fid (replaced on every call).
+        name: prefix of the private cache folder the images are written to as PNGs for clean-fid (removed after).
 
     Returns:
         ``{"FID", "CLIP score (cosine)", ["precision", "recall"], ["acc. objects", "acc. colors", ...]}``.
     """
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-    folder = image_folder(images, name)
     if isinstance(clip, PaperClipScorer):
         clip_value = clip_score_paper(images, prompts, clip)
     elif tokenizer is None:
         raise ValueError("the tiny CLIP score needs its tokenizer: pass the tiny CLIP's (.tokenizer)")
     else:
         clip_value = clip_score(clip, tokenizer, images, prompts)
-    scores = {"FID": fid(folder, reference, features=features), "CLIP score (cosine)": clip_value}
-    if precision_recall_k is not None:
-        scores.update(precision_recall(folder_features(folder, features), folder_features(reference, features),
-                                       k=precision_recall_k))
+    with temporary_image_folder(images, name) as folder:
+        scores = {"FID": fid(folder, reference, features=features), "CLIP score (cosine)": clip_value}
+        if precision_recall_k is not None:
+            scores.update(precision_recall(folder_features(folder, features), folder_features(reference, features),
+                                           k=precision_recall_k))
     if features is not None:
         scores.update({f"acc. {key}": value for key, value in attribute_accuracy(features, images, prompts).items()})
     return scores
