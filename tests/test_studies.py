@@ -126,6 +126,8 @@ def test_seed_summary_and_spread():
     assert beyond_spread(summary, "x", "y")  # 10 apart, spreads 1 + 1
     assert not beyond_spread(summary, "x", "z")  # 1.5 apart < 2
     assert not beyond_spread(summary, "y", "x")  # worse, not better
+    one_seed = seed_summary(pd.DataFrame({"method": ["x", "y"], "FID": [10.0, 20.0]}), "method", ["FID"])
+    assert not beyond_spread(one_seed, "x", "y")  # one seed each: no spread, so no claim holds
 
 
 def test_seed_runs_score_each_seed_and_bundle_the_profiles_own(smoke_profile):

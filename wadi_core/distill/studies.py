@@ -11,7 +11,7 @@ only where a difference exceeds the spread.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import replace
 
 import pandas as pd
@@ -162,11 +162,14 @@ def seed_summary(runs: pd.DataFrame, by: str | Sequence[str], metrics: Sequence[
     return summary[[c for metric in metrics for c in (metric, f"{metric} ±")] + ["seeds"]]
 
 
-def beyond_spread(summary: pd.DataFrame, better: str, worse: str, metric: str = "FID",
+def beyond_spread(summary: pd.DataFrame, better: Hashable, worse: Hashable, metric: str = "FID",
                   lower_is_better: bool = True) -> bool:
     """True when group ``better`` beats ``worse`` on ``metric`` by more than the two spreads together
-    (means ± one standard deviation over seeds do not overlap): a claim printed as holding needs this."""
+    (means ± one standard deviation over seeds do not overlap): a claim printed as holding needs this. False
+    when either group has fewer than two seeds (:func:`seed_summary`'s ``seeds``), which leave no spread."""
     a, b = summary.loc[better], summary.loc[worse]
+    if min(a["seeds"], b["seeds"]) < 2:
+        return False
     gap = (b[metric] - a[metric]) if lower_is_better else (a[metric] - b[metric])
     return bool(gap > a[f"{metric} ±"] + b[f"{metric} ±"])
 
