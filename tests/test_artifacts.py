@@ -25,6 +25,16 @@ def test_hash_depends_on_every_field_and_nesting():
     assert artifacts.config_hash(nested) == artifacts.config_hash(dict(reversed(list(nested.items()))))
 
 
+def test_fields_except_drops_named_fields_and_rejects_unknown_ones():
+    config = TeacherTrainConfig()
+    kept = artifacts.fields_except(config, ("steps", "seed"))
+    assert "steps" not in kept and "seed" not in kept and kept["lr"] == config.lr
+    assert artifacts.config_hash(kept) == artifacts.config_hash(
+        artifacts.fields_except(TeacherTrainConfig(steps=config.steps + 1), ("steps", "seed")))
+    with pytest.raises(ValueError, match="no field"):
+        artifacts.fields_except(config, ("not_a_field",))
+
+
 def test_round_trip_and_cache_lookup(data_dir):
     config = {"a": 1}
     path = artifacts.artifact_path("thing", config)

@@ -267,3 +267,20 @@ def test_count_objects_never_overcounts_real_scenes(smoke_profile):
     blobs[0, 1, 30, 30] = 1.0  # one pixel: below min_pixels
     assert count_objects(blobs).tolist() == [3]
     assert repetition_rate(blobs, ["a red square"]) == 1.0
+
+
+def test_seconds_per_image_is_the_median_over_repeats(monkeypatch):
+    from wadi_core.tasks import controlnet
+
+    clock = iter([0.0, 1.0, 1.0, 4.0, 4.0, 4.5])  # calls of 1 s, 3 s and 0.5 s, each of a batch of 2
+    monkeypatch.setattr(controlnet.time, "perf_counter", lambda: next(clock))
+    calls = []
+
+    def generate():
+        calls.append(1)
+        return torch.zeros(2, 3, 4, 4)
+
+    assert controlnet.seconds_per_image(generate, repeats=3) == 0.5
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="repeats"):
+        controlnet.seconds_per_image(generate, repeats=0)

@@ -86,6 +86,15 @@ def _dataclass_as_dict(value: Any) -> dict:
     raise TypeError(f"cannot hash a {type(value).__name__} into an artifact config")
 
 
+def fields_except(config: Any, excluded: Sequence[str]) -> dict:
+    """A dataclass ``config`` as a dict without the ``excluded`` fields: the key of an artifact that settings such
+    as evaluation sizes must not retrain."""
+    unknown = set(excluded) - {f.name for f in dataclasses.fields(config)}
+    if unknown:
+        raise ValueError(f"{type(config).__name__} has no field(s) {sorted(unknown)}")
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in excluded}
+
+
 def config_hash(config: Any) -> str:
     """First 12 hex digits of the SHA-256 of :func:`canonical_json`; names the artifact."""
     return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:12]

@@ -183,9 +183,8 @@ class DistillConfig:
     lr_sweep_prompts: int = 512  # coco14-like prompts the lr sweep's points are scored on (its FIDs rank lrs only)
     # The world study (notebook 00, wadi_core.distill.world_study): per candidate world, the generator steps that fit
     # in the latent student's `steps`, and the SD1.5-attention pixel teacher's steps that fit in the latent teacher's
-    # training, from `make bench`'s benchmarks_worlds table (1 thread). That teacher (838 steps at 7.5 s) is not
-    # trained yet, so its world is not listed.
-    world_study_steps: tuple[tuple[str, int], ...] = (("pixel", 892), ("latent", 1_000))
+    # training, from `make bench`'s benchmarks_worlds table (1 thread).
+    world_study_steps: tuple[tuple[str, int], ...] = (("pixel", 892), ("pixel_sd15_attention", 142), ("latent", 1_000))
     world_study_teacher_steps: int = 838
     world_study_prompts: int = 512
     seed: int = 6

@@ -294,11 +294,17 @@ def cached_controlnet_samples(backbone, controlnet: ControlNetModel, prompts: li
     return CachedSamples(pixels.float() / 255, sampled=True, path=path, seconds=seconds)
 
 
-def seconds_per_image(generate: Callable[[], torch.Tensor]) -> float:
-    """Wall time of one call of ``generate`` (returning a batch of images) divided by the batch size."""
-    start = time.perf_counter()
-    images = generate()
-    return (time.perf_counter() - start) / len(images)
+def seconds_per_image(generate: Callable[[], torch.Tensor], repeats: int = 3) -> float:
+    """The median over ``repeats`` calls of ``generate`` (each returning a batch of images) of the call's wall time
+    divided by its batch size; the median keeps one slow call (a first call's warm-up, a busy machine) out."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        images = generate()
+        rates.append((time.perf_counter() - start) / len(images))
+    return float(np.median(rates))
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ..adapters import adapter_modules, inject, merged_copy, select_layers
 from ..analysis.weights import summarize_changes, weight_changes
-from ..artifacts import TrainedModel, load_or_train, module_digest
+from ..artifacts import TrainedModel, fields_except, load_or_train, module_digest
 from ..eval.fid import image_files
 from ..optim import set_lr
 from ..profiles import DreamBoothConfig, Profile
@@ -277,7 +277,7 @@ def load_or_train_dreambooth(profile: Profile, backbone, base: nn.Module, base_n
     key = {"base": module_digest(base), "base_name": base_name, "method": method, "rank": rank, "lr": lr,
            "token": token, "exemplars": tensor_digest(exemplars), "prior_prompts": prior_prompts,
            "sampling": (sampling.num_inference_steps, sampling.guidance_scale),
-           "dreambooth": {k: v for k, v in dataclasses.asdict(config).items() if k not in EVALUATION_FIELDS}}
+           "dreambooth": fields_except(config, EVALUATION_FIELDS)}
 
     def build(_metadata):
         model = plain_copy(base)

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..adapters import adapter_modules, merged_copy
-from ..artifacts import TrainedModel, load_or_train, module_digest
+from ..artifacts import TrainedModel, fields_except, load_or_train, module_digest
 from ..diffusion import one_step_x0
 from ..eval.attributes import attribute_table
 from ..optim import cosine_lr, set_lr
@@ -256,7 +256,7 @@ def load_or_train_relation_token(profile: Profile, backbone, variant: str, stude
         opposite = OPPOSITE_RELATION[config.relation].split()[0]
         config = dataclasses.replace(config, positives=tuple(w for w in config.positives if w != opposite))
     key = {"text_encoder": module_digest(backbone.text_encoder), "world": profile.world,
-           "reversion": {k: v for k, v in dataclasses.asdict(config).items() if k not in EVALUATION_FIELDS},
+           "reversion": fields_except(config, EVALUATION_FIELDS),
            "steering": steering, "through": through,
            "denoiser": module_digest(backbone.denoiser if through == "teacher" else student)}
     dim = backbone.text_encoder.get_input_embeddings().weight.shape[1]
