@@ -2,6 +2,7 @@
 each method's best lr, and per-seed summaries whose claims hold only beyond the spread."""
 
 import json
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -18,6 +19,7 @@ from wadi_core.distill import (
     load_or_train_student,
     lr_sweep,
     one_step_generate,
+    recipe_search,
     recipe_study,
     regression_ceiling,
     seed_runs,
@@ -253,9 +255,10 @@ def test_student_scorer_scores_one_step_images_and_keys_what_determines_them(smo
     assert key != scorer(prompts, 4)[1] and key != scorer(prompts[:4], 3)[1]
 
 
-def test_latent_profile_lrs_are_the_best_of_its_committed_sweep(monkeypatch):
+def _committed_sweep_scorer(monkeypatch):
+    """The tiny profile, its backbone and the lr sweep's scorer, reading the committed records only."""
     monkeypatch.setenv("WADI_DATA_DIR", str(REPO_ROOT / "data"))  # the committed records, not the smoke fixture's
-    monkeypatch.setenv("WADI_NO_TRAIN", "1")  # every sweep point must be a committed record
+    monkeypatch.setenv("WADI_NO_TRAIN", "1")  # every scored student must be a committed record
     profile = get_profile("tiny")
     backbone = load_backbone(profile.backbone)
     clip = load_or_train_tiny_clip(profile)
@@ -264,6 +267,34 @@ def test_latent_profile_lrs_are_the_best_of_its_committed_sweep(monkeypatch):
     score, key = student_scorer(backbone, real.captions[: profile.distill.lr_sweep_prompts],
                                 reference_folder(real, profile.world), features=reader, clip=clip.model,
                                 tokenizer=clip.tokenizer, seed=profile.distill.seed)
+    return profile, backbone, score, key
+
+
+def test_latent_profile_lrs_are_the_best_of_its_committed_sweep(monkeypatch):
+    profile, backbone, score, key = _committed_sweep_scorer(monkeypatch)
     sweep = lr_sweep(profile, backbone, score, key, progress=False)
     assert len(sweep) == len(STUDENT_METHODS) * len(profile.distill.lr_sweep)
     assert best_lrs(sweep) == dict(profile.distill.student_lrs)
+
+
+def test_recipe_search_reads_every_variant_from_its_committed_record(monkeypatch):
+    profile, backbone, score, key = _committed_sweep_scorer(monkeypatch)
+    variants = recipe_search(profile.distill)
+    assert variants["the recipe (the same at LoRaD r = 15)"] == {}  # the profile's recipe is one of the rows
+    study = recipe_study(profile, backbone, variants, score, key, progress=False)
+    assert list(study.index) == list(variants)
+    assert study.loc["the first tiny recipe", "steps"] == profile.distill.steps // 2
+    assert study.loc["the recipe (the same at LoRaD r = 15)", "FID"] < study.loc["the first tiny recipe", "FID"]
+
+
+def test_recipe_search_scales_with_the_profile_and_is_off_for_the_paper_recipe(smoke_profile):
+    distill = smoke_profile.distill
+    variants = recipe_search(distill)
+    assert variants["the same, 1.4x the steps"]["steps"] == distill.steps * 7 // 5
+    assert variants[f"the same, training seed {distill.seeds[1]}"]["seed"] == distill.seeds[1]
+    assert variants["recipe at batch 32 for half the steps"] == {"batch_size": 2 * distill.batch_size,
+                                                                 "steps": distill.steps // 2}
+    assert recipe_search(replace(distill, recipe_search=False)) == {}
+    study = recipe_study(smoke_profile, load_backbone(smoke_profile.backbone), {}, counting_score()[0], {},
+                         progress=False)
+    assert study.empty and study.index.name == "variant"

@@ -50,11 +50,13 @@ from .students import (  # noqa: E402
     one_step_generate,
     one_step_scheduler_config,
     prompt_embeddings,
+    recipe_search,
     student_config,
 )
 
 __all__ += ["STUDENT_METHODS", "deviation_study", "distill", "export_student", "load_or_train_student",
-            "one_step_generate", "one_step_scheduler_config", "prompt_embeddings", "student_config"]
+            "one_step_generate", "one_step_scheduler_config", "prompt_embeddings", "recipe_search",
+            "student_config"]
 
 from .studies import (  # noqa: E402
     best_lrs,

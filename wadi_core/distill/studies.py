@@ -111,7 +111,7 @@ def recipe_study(profile: Profile, backbone, variants: Mapping[str, dict], score
         scores = _scored_student(profile, backbone, config, score, score_key, RECIPE_KIND,
                                  f"{method} student ({name})", progress)
         rows.append({"variant": name, "steps": config.steps, **scores})
-    return pd.DataFrame(rows).set_index("variant")
+    return pd.DataFrame(rows, columns=None if rows else ["variant", "steps"]).set_index("variant")
 
 
 def lr_sweep(profile: Profile, backbone, score: Scorer, score_key: dict,
