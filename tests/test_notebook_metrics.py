@@ -139,7 +139,7 @@ EXPECTED: dict[str, dict[str, dict[str, float]]] = {
     },
     "03_recipe_candidate": {  # means over the training seeds, 2,048 prompts
         "the recipe": {"FID": 28.9813, "acc. objects": 0.768717},
-        "+ guidance 4.5, 4 fake updates": {"FID": 26.1459, "acc. objects": 0.786458},
+        "recipe + guidance 4.5, 4 fake updates per step": {"FID": 26.1459, "acc. objects": 0.786458},
     },
     "03_regression_ceiling": {
         "LoRaD (WaDi), 1,024 teacher pairs": {"FID": 55.8814, "acc. objects": 0.667969},

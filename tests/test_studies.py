@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import CLIPModel
 
-from wadi_core.artifacts import REPO_ROOT, ArtifactError, load_or_compute_record
+from wadi_core.artifacts import REPO_ROOT, ArtifactError, artifact_path, load_or_compute_record
 from wadi_core.backbones import load_backbone, load_or_train_tiny_clip
 from wadi_core.backbones.tiny import clip_model_config, train_tokenizer
 from wadi_core.distill import (
@@ -24,10 +24,13 @@ from wadi_core.distill import (
     regression_ceiling,
     seed_runs,
     seed_summary,
+    student_config,
     student_scores,
     sweep_config,
     world_study,
 )
+from wadi_core.distill.students import _artifact_key
+from wadi_core.distill.studies import RECIPE_KIND, _train_prompts
 from wadi_core.eval import (
     ShapesFeatureNet,
     load_or_train_feature_net,
@@ -281,20 +284,26 @@ def test_recipe_search_reads_every_variant_from_its_committed_record(monkeypatch
     profile, backbone, score, key = _committed_sweep_scorer(monkeypatch)
     variants = recipe_search(profile.distill)
     assert variants["the recipe (the same at LoRaD r = 15)"] == {}  # the profile's recipe is one of the rows
+    configs = [student_config(profile.distill, "lorad", **overrides) for overrides in variants.values()]
+    read = {artifact_path(RECIPE_KIND, {"student": _artifact_key(backbone, _train_prompts(profile), config),
+                                        "score": key}).stem for config in configs}
+    committed = {path.stem for path in (REPO_ROOT / "data").glob(f"{RECIPE_KIND}-*.json")
+                 if json.loads(path.read_text())["config"]["score"] == key}
+    assert len(read) == len(variants) and read == committed  # one record per variant, every committed one listed
     study = recipe_study(profile, backbone, variants, score, key, progress=False)
-    assert list(study.index) == list(variants)
     assert study.loc["the first tiny recipe", "steps"] == profile.distill.steps // 2
     assert study.loc["the recipe (the same at LoRaD r = 15)", "FID"] < study.loc["the first tiny recipe", "FID"]
 
 
 def test_recipe_search_scales_with_the_profile_and_is_off_for_the_paper_recipe(smoke_profile):
-    distill = smoke_profile.distill
+    distill = replace(smoke_profile.distill, recipe_variants=None)
     variants = recipe_search(distill)
+    assert list(recipe_search(replace(distill, recipe_variants=2))) == list(variants)[:2]
     assert variants["the same, 1.4x the steps"]["steps"] == distill.steps * 7 // 5
     assert variants[f"the same, training seed {distill.seeds[1]}"]["seed"] == distill.seeds[1]
-    assert variants["recipe at batch 32 for half the steps"] == {"batch_size": 2 * distill.batch_size,
-                                                                 "steps": distill.steps // 2}
-    assert recipe_search(replace(distill, recipe_search=False)) == {}
+    assert variants[f"recipe at batch {2 * distill.batch_size} for half the steps"] == {
+        "batch_size": 2 * distill.batch_size, "steps": distill.steps // 2}
+    assert recipe_search(replace(distill, recipe_variants=0)) == {}
     study = recipe_study(smoke_profile, load_backbone(smoke_profile.backbone), {}, counting_score()[0], {},
                          progress=False)
     assert study.empty and study.index.name == "variant"

@@ -104,7 +104,8 @@ def recipe_study(profile: Profile, backbone, variants: Mapping[str, dict], score
                  method: str = "lorad", progress: bool = True) -> pd.DataFrame:
     """One row per named variant of the profile's ``method`` recipe (``{name: VSDConfig overrides}``, e.g. a
     longer run, another fake-score rank or guidance scale): the search for a recipe whose one-step student reaches
-    the teacher, every attempt's scores kept as a record so that the notebook shows what each one measured."""
+    the teacher, every attempt's scores kept as a record so that the notebook shows what each one measured. No
+    variants give an empty frame (index ``variant``, one column ``steps``)."""
     rows = []
     for name, overrides in tqdm(variants.items(), desc="recipe variants", disable=not progress):
         config = student_config(profile.distill, method, **overrides)
