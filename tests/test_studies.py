@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import CLIPModel
 
-from wadi_core.artifacts import REPO_ROOT, ArtifactError, artifact_path, load_or_compute_record
+from wadi_core.artifacts import REPO_ROOT, ArtifactError, load_or_compute_record
 from wadi_core.backbones import load_backbone, load_or_train_tiny_clip
+from wadi_core.backbones.backbone import sample_ddim
 from wadi_core.backbones.tiny import clip_model_config, train_tokenizer
 from wadi_core.distill import (
     STUDENT_METHODS,
@@ -20,17 +21,20 @@ from wadi_core.distill import (
     lr_sweep,
     one_step_generate,
     recipe_search,
+    recipe_stages,
     recipe_study,
     regression_ceiling,
     seed_runs,
     seed_summary,
     student_config,
     student_scores,
+    studies,
     sweep_config,
+    teacher_pairs,
     world_study,
 )
-from wadi_core.distill.students import _artifact_key
-from wadi_core.distill.studies import RECIPE_KIND, _train_prompts
+from wadi_core.distill.students import COMBINATIONS, FIRST_RECIPE, RECIPE
+from wadi_core.distill.studies import RECIPE_KIND, record_path
 from wadi_core.eval import (
     ShapesFeatureNet,
     load_or_train_feature_net,
@@ -186,9 +190,16 @@ def test_recorded_scores_make_and_score_the_images_once(smoke_profile):
     assert len(made) == 2
 
 
-def test_regression_ceiling_fits_the_teacher_samples_and_is_kept_as_a_record(smoke_profile):
+def test_regression_ceiling_fits_the_teacher_samples_and_is_kept_as_a_record(smoke_profile, monkeypatch):
     backbone = load_backbone(smoke_profile.backbone)
     score, seen = counting_score()
+    samplings = []
+
+    def counted_sample_ddim(*args, **kwargs):
+        samplings.append(kwargs["noise"])
+        return sample_ddim(*args, **kwargs)
+
+    monkeypatch.setattr(studies, "sample_ddim", counted_sample_ddim)
 
     record = regression_ceiling(smoke_profile, backbone, score, {"scorer": "count"}, pairs=8, steps=30, lr=1e-2,
                                 progress=False)
@@ -200,6 +211,13 @@ def test_regression_ceiling_fits_the_teacher_samples_and_is_kept_as_a_record(smo
     regression_ceiling(smoke_profile, backbone, score, {"scorer": "count"}, pairs=8, steps=31, lr=1e-2,
                        progress=False)
     assert len(seen) == 2  # another budget is another record
+    assert len(samplings) == 1  # ... fitted to the same cached teacher pairs, sampled once
+    distill = smoke_profile.distill
+    pairs = teacher_pairs(backbone, studies._train_prompts(smoke_profile), 8, distill.seed,
+                          smoke_profile.sampling.num_inference_steps, distill.guidance_scale,
+                          smoke_profile.sampling.batch_size, progress=False)
+    assert len(samplings) == 1 and torch.equal(pairs["z"], samplings[0])
+    assert pairs["targets"].shape == pairs["z"].shape == (8, *backbone.latent_shape)
 
 
 def test_world_study_scores_each_world_against_its_own_teacher_and_keeps_the_table_as_records(smoke_profile):
@@ -285,8 +303,7 @@ def test_recipe_search_reads_every_variant_from_its_committed_record(monkeypatch
     variants = recipe_search(profile.distill)
     assert variants["the recipe (the same at LoRaD r = 15)"] == {}  # the profile's recipe is one of the rows
     configs = [student_config(profile.distill, "lorad", **overrides) for overrides in variants.values()]
-    read = {artifact_path(RECIPE_KIND, {"student": _artifact_key(backbone, _train_prompts(profile), config),
-                                        "score": key}).stem for config in configs}
+    read = {record_path(RECIPE_KIND, profile, backbone, config, key).stem for config in configs}
     committed = {path.stem for path in (REPO_ROOT / "data").glob(f"{RECIPE_KIND}-*.json")
                  if json.loads(path.read_text())["config"]["score"] == key}
     assert len(read) == len(variants) and read == committed  # one record per variant, every committed one listed
@@ -304,6 +321,11 @@ def test_recipe_search_scales_with_the_profile_and_is_off_for_the_paper_recipe(s
     assert variants[f"recipe at batch {2 * distill.batch_size} for half the steps"] == {
         "batch_size": 2 * distill.batch_size, "steps": distill.steps // 2}
     assert recipe_search(replace(distill, recipe_variants=0)) == {}
+    stages = recipe_stages(distill)
+    assert list(stages) == list(variants)  # one stage per variant, in the search's order
+    assert [stages[name] for name in ("the first tiny recipe", "the same, 1.4x the steps",
+                                      "recipe + guidance 4.5")] == [FIRST_RECIPE, COMBINATIONS, RECIPE]
+    assert list(recipe_stages(replace(distill, recipe_variants=3))) == list(variants)[:3]
     study = recipe_study(smoke_profile, load_backbone(smoke_profile.backbone), {}, counting_score()[0], {},
                          progress=False)
     assert study.empty and study.index.name == "variant"

@@ -184,8 +184,11 @@ class DistillConfig:
     # 0 where the recipe is the paper's own).
     recipe_variants: int | None = None
     # The regression reference beside it (wadi_core.distill.regression_ceiling): (student method, teacher sample
-    # pairs) of one-step students fitted to the teacher's own DDIM samples instead of distilled by VSD.
-    regression_pairs: tuple[tuple[str, int], ...] = (("lorad", 1_024), ("full", 4_096))
+    # pairs, steps) of one-step students fitted to the teacher's own DDIM samples instead of distilled by VSD; the
+    # full fine-tune at 1x, 4x and 8x the distillation's steps tells a budget limit from a capacity limit.
+    regression_runs: tuple[tuple[str, int, int], ...] = (
+        ("lorad", 1_024, 1_000), ("full", 4_096, 1_000), ("full", 4_096, 4_000), ("full", 4_096, 8_000)
+    )
     eval_prompts: int = 2_048  # every coco14-like prompt: the real-vs-real floor falls from 512 prompts' (notebook 04)
     lr_sweep_prompts: int = 512  # coco14-like prompts the lr sweep's points are scored on (its FIDs rank lrs only)
     # The world study (notebook 00, wadi_core.distill.world_study): per candidate world, the generator steps that fit
@@ -361,7 +364,7 @@ def _smoke(name: str = "smoke", backbone: str = "tiny-smoke") -> Profile:
                               lr_sweep=(1e-4, 1e-3), lr_sweep_steps=2, seeds=(6, 7), eval_prompts=160,
                               lr_sweep_prompts=160, world_study_prompts=160, world_study_teacher_steps=5,
                               world_study_steps=(("pixel", 2), ("pixel_sd15_attention", 2), ("latent", 3)),
-                              recipe_variants=2, regression_pairs=(("lorad", 8),)),
+                              recipe_variants=2, regression_runs=(("lorad", 8, 3),)),
         controlnet=ControlNetConfig(steps=3, batch_size=4, warmup_steps=1, eval_maps=32,
                                     conditioning_scales=(0.5, 1.0), timing_images=4, timing_steps=(2,)),
         highres=HighResConfig(prompts=32),
@@ -385,7 +388,7 @@ def _paper() -> Profile:
             lr_sweep=(1e-4,), lr_sweep_steps=2_000, seeds=(0,),
             fake_method="lorad", fake_lr=1e-2, guidance_scale=1.5, fake_guidance_scale=None,
             batch_size=128, steps=22_200, fake_warmup_steps=0, fake_updates_per_step=1, checkpoint_every=500,
-            eval_prompts=30_000, lr_sweep_prompts=5_000, recipe_variants=0, regression_pairs=(),
+            eval_prompts=30_000, lr_sweep_prompts=5_000, recipe_variants=0, regression_runs=(),
         ),
         # The released SD1.5 canny ControlNet (ShapesWorld's edge maps play its canny maps), ScaleCrafter's SD1.5
         # 1024² re-dilation ("lowest": down_blocks.3 / mid_block / up_blocks.0 by 2) at 1024² and 1024×1792.

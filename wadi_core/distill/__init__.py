@@ -51,27 +51,31 @@ from .students import (  # noqa: E402
     one_step_scheduler_config,
     prompt_embeddings,
     recipe_search,
+    recipe_stages,
     student_config,
 )
 
 __all__ += ["STUDENT_METHODS", "deviation_study", "distill", "export_student", "load_or_train_student",
             "one_step_generate", "one_step_scheduler_config", "prompt_embeddings", "recipe_search",
-            "student_config"]
+            "recipe_stages", "student_config"]
 
 from .studies import (  # noqa: E402
     best_lrs,
     beyond_spread,
     lr_sweep,
     recipe_study,
+    record_path,
     regression_ceiling,
     seed_runs,
     seed_summary,
     student_scores,
     sweep_config,
     sweep_point,
+    teacher_pairs,
     world_recipes,
     world_study,
 )
 
-__all__ += ["beyond_spread", "best_lrs", "lr_sweep", "recipe_study", "regression_ceiling", "seed_runs", "seed_summary",
-            "student_scores", "sweep_config", "sweep_point", "world_recipes", "world_study"]
+__all__ += ["beyond_spread", "best_lrs", "lr_sweep", "recipe_study", "record_path", "regression_ceiling", "seed_runs",
+            "seed_summary", "student_scores", "sweep_config", "sweep_point", "teacher_pairs", "world_recipes",
+            "world_study"]

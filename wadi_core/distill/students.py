@@ -99,12 +99,12 @@ def deviation_study(distill: DistillConfig) -> dict[str, dict]:
     }
 
 
-def recipe_search(distill: DistillConfig) -> dict[str, dict]:
-    """The search for a tiny recipe whose one-step student reaches the teacher (notebook 03 §7c), as recipe
-    overrides of the WaDi student in the order it was run: first single changes to the first tiny recipe (the
-    pixel world's: LoRaD r = 19 at lr 1e-3, a LoRaD fake score of rank ``fake_rank`` at 1e-2, guidance 1.5 on
-    both scores, half the generator steps), then the combinations that became ``distill``'s recipe, then single
-    changes to that; the first ``distill.recipe_variants`` of them (all when None; none for the paper's recipe)."""
+FIRST_RECIPE, COMBINATIONS, RECIPE = "first recipe", "combinations", "recipe"  # recipe_search's stages
+
+
+def _recipe_search_by_stage(distill: DistillConfig) -> dict[str, dict[str, dict]]:
+    """:func:`recipe_search`'s variants by stage (:data:`FIRST_RECIPE`, :data:`COMBINATIONS`, :data:`RECIPE`), in
+    the order they ran."""
     half, longer = distill.steps // 2, distill.steps * 7 // 5
     first = dict(steps=half, student_rank=19, student_lr=1e-3, fake_method="lorad", fake_lr=1e-2,
                  guidance_scale=1.5, fake_guidance_scale=None)
@@ -112,7 +112,7 @@ def recipe_search(distill: DistillConfig) -> dict[str, dict]:
     unguided = dict(guidance_scale=3.0, fake_guidance_scale=1.0)
     combined = dict(student_rank=19, student_lr=3e-3, **full_fake, **unguided)
     stronger = dict(guidance_scale=4.5, fake_updates_per_step=4)
-    variants = {
+    first_recipe = {
         "the first tiny recipe": first,
         "first + full FT student (1e-4) and full fake score": {**first, **full_fake, "student_method": "full",
                                                                "student_rank": 1, "student_lr": 1e-4},
@@ -124,12 +124,16 @@ def recipe_search(distill: DistillConfig) -> dict[str, dict]:
         "first + student lr 3e-3, full fake score": {**first, "student_lr": 3e-3, **full_fake},
         "first + guidance 3, unguided fake score": {**first, **unguided},
         "first + student lr 3e-3, guidance 3, unguided fake score": {**first, "student_lr": 3e-3, **unguided},
+    }
+    combinations = {
         "lr 3e-3, full fake score, guidance 3": {**combined, "fake_guidance_scale": None},
         "lr 3e-3, full fake score, guidance 3, unguided fake score": combined,
         **{f"the same, training seed {seed}": {**combined, "seed": seed} for seed in distill.seeds[1:2]},
         "the same, 1.4x the steps": {**combined, "steps": longer},
         "the same, student EMA 0.99": {**combined, "ema_decay": 0.99},
         "the same, 4 fake updates per step": {**combined, "fake_updates_per_step": 4},
+    }
+    recipe = {
         f"the recipe (the same at LoRaD r = {distill.student_rank})": {},
         "recipe + fake score lr 3e-4": {"fake_lr": 3e-4},
         f"recipe at batch {2 * distill.batch_size} for half the steps": {"batch_size": 2 * distill.batch_size,
@@ -142,7 +146,26 @@ def recipe_search(distill: DistillConfig) -> dict[str, dict]:
         **{f"recipe + guidance 4.5, 4 fake updates, training seed {seed}": {**stronger, "seed": seed}
            for seed in distill.seeds[1:]},
     }
+    return {FIRST_RECIPE: first_recipe, COMBINATIONS: combinations, RECIPE: recipe}
+
+
+def recipe_search(distill: DistillConfig) -> dict[str, dict]:
+    """The search for a tiny recipe whose one-step student reaches the teacher (notebook 03 §7c), as recipe
+    overrides of the WaDi student in the order it was run: first single changes to the first tiny recipe (the
+    pixel world's: LoRaD r = 19 at lr 1e-3, a LoRaD fake score of rank ``fake_rank`` at 1e-2, guidance 1.5 on
+    both scores, half the generator steps), then the combinations that became ``distill``'s recipe, then single
+    changes to that; the first ``distill.recipe_variants`` of them (all when None; none for the paper's recipe).
+    :func:`recipe_stages` names the stage of each."""
+    variants = {name: overrides for stage in _recipe_search_by_stage(distill).values()
+                for name, overrides in stage.items()}
     return dict(list(variants.items())[: distill.recipe_variants])
+
+
+def recipe_stages(distill: DistillConfig) -> dict[str, str]:
+    """The stage of each of :func:`recipe_search`'s variants: :data:`FIRST_RECIPE`, :data:`COMBINATIONS` or
+    :data:`RECIPE`."""
+    stages = {name: stage for stage, variants in _recipe_search_by_stage(distill).items() for name in variants}
+    return {name: stages[name] for name in recipe_search(distill)}
 
 
 def prompt_embeddings(backbone, prompts: list[str], batch_size: int = 512) -> torch.Tensor:

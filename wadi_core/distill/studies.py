@@ -13,13 +13,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..artifacts import artifact_path, cache_dir, load_or_compute_record
+from ..artifacts import (
+    artifact_path,
+    cache_dir,
+    load_checkpoint,
+    load_or_compute_record,
+    module_digest,
+    outdated_by_fresh,
+    prompts_digest,
+    save_checkpoint,
+)
 from ..backbones.backbone import sample_ddim
 from ..diffusion import one_step_x0
 from ..profiles import Profile
@@ -63,17 +73,28 @@ def _distilled(profile: Profile, backbone, config: VSDConfig, progress: bool) ->
     return result.ema_student or result.student
 
 
+def record_key(profile: Profile, backbone, config: VSDConfig, score_key: dict) -> dict:
+    """The key of a scored student's record: the student's artifact key (backbone, training captions, ``config``)
+    and ``score_key`` (what determines the scores)."""
+    return {"student": _artifact_key(backbone, _train_prompts(profile), config), "score": score_key}
+
+
+def record_path(kind: str, profile: Profile, backbone, config: VSDConfig, score_key: dict) -> Path:
+    """Where the ``kind`` record of the student distilled with ``config`` and scored under ``score_key`` lives
+    (``<data dir>/<kind>-<hash>.json``), whether or not it exists yet."""
+    return artifact_path(kind, record_key(profile, backbone, config, score_key), ".json")
+
+
 def _scored_student(profile: Profile, backbone, config: VSDConfig, score: Scorer, score_key: dict, kind: str,
                     label: str, progress: bool, bundled: Callable[[], nn.Module] | None = None) -> dict[str, float]:
     """Scores of a student distilled with ``config`` on the training captions (or of ``bundled()``, the bundled
-    student of that config), cached as a ``kind`` record keyed by the student's artifact key and ``score_key``."""
-    student_key = _artifact_key(backbone, _train_prompts(profile), config)
+    student of that config), cached as a ``kind`` record keyed by :func:`record_key`."""
 
     def compute() -> dict[str, float]:
         student = bundled() if bundled is not None else _distilled(profile, backbone, config, progress)
         return {name: float(value) for name, value in score(student.eval()).items()}
 
-    return load_or_compute_record(kind, {"student": student_key, "score": score_key}, compute, label=label)
+    return load_or_compute_record(kind, record_key(profile, backbone, config, score_key), compute, label=label)
 
 
 def sweep_point(profile: Profile, backbone, method: str, lr: float, score: Scorer, score_key: dict,
@@ -175,6 +196,38 @@ def beyond_spread(summary: pd.DataFrame, better: Hashable, worse: Hashable, metr
     return bool(gap > a[f"{metric} ±"] + b[f"{metric} ±"])
 
 
+PAIRS_KIND = "regression_pairs"
+
+
+def teacher_pairs(backbone, prompts: Sequence[str], pairs: int, seed: int, num_inference_steps: int,
+                  guidance_scale: float, batch_size: int = 128, progress: bool = True) -> dict[str, torch.Tensor]:
+    """``pairs`` (noise, caption, teacher x0) triples for :func:`regression_ceiling`: noise z drawn from ``seed``,
+    the captions cycled in order, and the teacher's DDIM samples from that z (x0 in the denoiser's space, before
+    any VAE decoding). Cached in the scratch folder (:func:`~wadi_core.artifacts.cache_dir`; regenerable, never
+    committed), keyed by everything that determines them (teacher and text-encoder weights, scheduler, prompts,
+    sampler settings, seed, batch and ``pairs``), so that regressions at several budgets share one sampling
+    (4,096 pairs: about 20 CPU-minutes on one thread in the tiny world).
+
+    Returns ``{"z", "cond", "targets"}``; ``cond`` is not stored but re-encoded (cheap)."""
+    prompts = list(prompts)
+    cond = prompt_embeddings(backbone, prompts)[torch.arange(pairs) % len(prompts)]
+    z = torch.randn(pairs, *backbone.latent_shape, generator=torch.Generator().manual_seed(seed))
+    key = {"teacher": module_digest(backbone.denoiser), "text_encoder": module_digest(backbone.text_encoder),
+           "scheduler": {k: v for k, v in backbone.scheduler.config.items() if not k.startswith("_")},
+           "prompts": prompts_digest(prompts), "sampler": "ddim-cfg",
+           "num_inference_steps": int(num_inference_steps), "guidance_scale": float(guidance_scale),
+           "seed": int(seed), "batch_size": int(batch_size), "pairs": int(pairs), "returns": "x0, denoiser space"}
+    path = cache_dir() / artifact_path(PAIRS_KIND, key).name
+    if path.exists() and not outdated_by_fresh(path):
+        targets = load_checkpoint(path, key)[0]["targets"]
+    else:
+        targets = sample_ddim(backbone.denoiser, backbone.scheduler, cond, backbone.null_embedding(),
+                              num_inference_steps, guidance_scale, seed, batch_size, progress, noise=z)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(path, {"targets": targets.contiguous()}, key)
+    return {"z": z, "cond": cond, "targets": targets}
+
+
 def regression_ceiling(profile: Profile, backbone, score: Scorer, score_key: dict, method: str = "lorad",
                        pairs: int = 1024, steps: int | None = None, lr: float | None = None,
                        progress: bool = True) -> dict[str, float]:
@@ -182,10 +235,10 @@ def regression_ceiling(profile: Profile, backbone, score: Scorer, score_key: dic
     the student (the profile's ``method`` adapter on the teacher) can express in one step when it is told the
     answer, an upper reference for the VSD students of the same budget.
 
-    ``pairs`` (noise z, training caption) pairs, the captions cycled in order and z drawn from the profile's
-    distillation seed, are sampled with the multi-step teacher (``profile.sampling.num_inference_steps`` DDIM steps
-    at the distillation's ``guidance_scale``); the student then minimises ‖x0(z, c) − x0_teacher(z, c)‖² over
-    random batches of them (the ODE pairs of DMD's regression loss, here the only loss), ``steps`` steps
+    :func:`teacher_pairs` gives ``pairs`` (noise z, training caption, teacher x0) triples, sampled with the
+    multi-step teacher (``profile.sampling.num_inference_steps`` DDIM steps at the distillation's
+    ``guidance_scale``, z from the distillation's seed); the student then minimises ‖x0(z, c) − x0_teacher(z, c)‖²
+    over random batches of them (the ODE pairs of DMD's regression loss, here the only loss), ``steps`` steps
     (default: the distillation's) of AdamW at ``lr`` (default: the method's student lr), batch and clipping as in
     distillation. Cached as a ``ceiling_scores`` record keyed by everything that determines it and ``score_key``:
     the scores of the fitted student, and ``pair_mse_at_init`` / ``pair_mse_fitted``, its mean squared x0 error over
@@ -199,13 +252,11 @@ def regression_ceiling(profile: Profile, backbone, score: Scorer, score_key: dic
            "teacher_steps": sampling.num_inference_steps, "score": score_key}
 
     def compute() -> dict[str, float]:
+        data = teacher_pairs(backbone, prompts, pairs, config.seed, sampling.num_inference_steps,
+                             config.guidance_scale, sampling.batch_size, progress)
+        z, cond, targets = data["z"], data["cond"], data["targets"]
         generator = torch.Generator().manual_seed(config.seed)
-        embeds = prompt_embeddings(backbone, prompts)
-        cond = embeds[torch.arange(pairs) % len(prompts)]
-        z = torch.randn(pairs, *backbone.latent_shape, generator=generator)
-        targets = sample_ddim(backbone.denoiser, backbone.scheduler, cond, backbone.null_embedding(),
-                              sampling.num_inference_steps, config.guidance_scale, config.seed,
-                              sampling.batch_size, progress, noise=z)
+        torch.randn(pairs, *backbone.latent_shape, generator=generator)  # the draw of z: batches follow it
         student = _new_student(backbone.denoiser, config)
 
         def x0(index: torch.Tensor) -> torch.Tensor:
