@@ -312,6 +312,15 @@ def test_recipe_search_reads_every_variant_from_its_committed_record(monkeypatch
     assert study.loc["the recipe (the same at LoRaD r = 15)", "FID"] < study.loc["the first tiny recipe", "FID"]
 
 
+def test_regression_runs_read_from_their_committed_records(monkeypatch):
+    profile, backbone, score, key = _committed_sweep_scorer(monkeypatch)
+    fits = {run: regression_ceiling(profile, backbone, score, key, method=run[0], pairs=run[1], steps=run[2],
+                                    progress=False) for run in profile.distill.regression_runs}
+    assert all(fit["pair_mse_fitted"] < fit["pair_mse_at_init"] for fit in fits.values())
+    full = [fits[run]["pair_mse_fitted"] for run in sorted(run for run in fits if run[0] == "full")]
+    assert len(full) == 3 and full == sorted(full, reverse=True)  # the longer the fit, the lower its error
+
+
 def test_recipe_search_scales_with_the_profile_and_is_off_for_the_paper_recipe(smoke_profile):
     distill = replace(smoke_profile.distill, recipe_variants=None)
     variants = recipe_search(distill)

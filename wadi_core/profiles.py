@@ -185,9 +185,11 @@ class DistillConfig:
     recipe_variants: int | None = None
     # The regression reference beside it (wadi_core.distill.regression_ceiling): (student method, teacher sample
     # pairs, steps) of one-step students fitted to the teacher's own DDIM samples instead of distilled by VSD; the
-    # full fine-tune at 1x, 4x and 8x the distillation's steps tells a budget limit from a capacity limit.
+    # full fine-tune at 1x, 4x and 8x the distillation's steps tells a budget limit from a capacity limit, and
+    # LoRaD at 4x whether its reach (Linears only) limits it. Notebook 03 also scores the longest on all prompts.
     regression_runs: tuple[tuple[str, int, int], ...] = (
-        ("lorad", 1_024, 1_000), ("full", 4_096, 1_000), ("full", 4_096, 4_000), ("full", 4_096, 8_000)
+        ("lorad", 1_024, 1_000), ("lorad", 4_096, 4_000), ("full", 4_096, 1_000), ("full", 4_096, 4_000),
+        ("full", 4_096, 8_000),
     )
     eval_prompts: int = 2_048  # every coco14-like prompt: the real-vs-real floor falls from 512 prompts' (notebook 04)
     lr_sweep_prompts: int = 512  # coco14-like prompts the lr sweep's points are scored on (its FIDs rank lrs only)
