@@ -185,8 +185,9 @@ class DistillConfig:
     recipe_variants: int | None = None
     # The regression reference beside it (wadi_core.distill.regression_ceiling): (student method, teacher sample
     # pairs, steps) of one-step students fitted to the teacher's own DDIM samples instead of distilled by VSD; the
-    # full fine-tune at 1x, 4x and 8x the distillation's steps tells a budget limit from a capacity limit, and
-    # LoRaD at 4x whether its reach (Linears only) limits it. Notebook 03 also scores the longest on all prompts.
+    # full fine-tune at 1,000 (the distillation's steps), 4,000 and 8,000 steps tells a budget limit from a capacity
+    # limit, and LoRaD at 4,000 whether its reach (Linears only) limits it. Notebook 03 also scores the longest fit
+    # on all the evaluation prompts.
     regression_runs: tuple[tuple[str, int, int], ...] = (
         ("lorad", 1_024, 1_000), ("lorad", 4_096, 4_000), ("full", 4_096, 1_000), ("full", 4_096, 4_000),
         ("full", 4_096, 8_000),

@@ -64,6 +64,7 @@ from .studies import (  # noqa: E402
     beyond_spread,
     lr_sweep,
     recipe_study,
+    record_key,
     record_path,
     regression_ceiling,
     seed_runs,
@@ -76,6 +77,6 @@ from .studies import (  # noqa: E402
     world_study,
 )
 
-__all__ += ["beyond_spread", "best_lrs", "lr_sweep", "recipe_study", "record_path", "regression_ceiling", "seed_runs",
-            "seed_summary", "student_scores", "sweep_config", "sweep_point", "teacher_pairs", "world_recipes",
-            "world_study"]
+__all__ += ["beyond_spread", "best_lrs", "lr_sweep", "recipe_study", "record_key", "record_path", "regression_ceiling",
+            "seed_runs", "seed_summary", "student_scores", "sweep_config", "sweep_point", "teacher_pairs",
+            "world_recipes", "world_study"]

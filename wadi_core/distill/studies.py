@@ -197,6 +197,7 @@ def beyond_spread(summary: pd.DataFrame, better: Hashable, worse: Hashable, metr
 
 
 PAIRS_KIND = "regression_pairs"
+FIT_KIND = "regression_fit"
 
 
 def teacher_pairs(backbone, prompts: Sequence[str], pairs: int, seed: int, num_inference_steps: int,
@@ -205,8 +206,8 @@ def teacher_pairs(backbone, prompts: Sequence[str], pairs: int, seed: int, num_i
     the captions cycled in order, and the teacher's DDIM samples from that z (x0 in the denoiser's space, before
     any VAE decoding). Cached in the scratch folder (:func:`~wadi_core.artifacts.cache_dir`; regenerable, never
     committed), keyed by everything that determines them (teacher and text-encoder weights, scheduler, prompts,
-    sampler settings, seed, batch and ``pairs``), so that regressions at several budgets share one sampling
-    (4,096 pairs: about 20 CPU-minutes on one thread in the tiny world).
+    sampler settings, seed, batch, sample shape and ``pairs``), so that regressions at several budgets share one
+    sampling (4,096 pairs: about 22 CPU-minutes on one thread in the tiny world).
 
     Returns ``{"z", "cond", "targets"}``; ``cond`` is not stored but re-encoded (cheap)."""
     prompts = list(prompts)
@@ -216,8 +217,9 @@ def teacher_pairs(backbone, prompts: Sequence[str], pairs: int, seed: int, num_i
            "scheduler": {k: v for k, v in backbone.scheduler.config.items() if not k.startswith("_")},
            "prompts": prompts_digest(prompts), "sampler": "ddim-cfg",
            "num_inference_steps": int(num_inference_steps), "guidance_scale": float(guidance_scale),
-           "seed": int(seed), "batch_size": int(batch_size), "pairs": int(pairs), "returns": "x0, denoiser space"}
-    path = cache_dir() / artifact_path(PAIRS_KIND, key).name
+           "seed": int(seed), "batch_size": int(batch_size), "pairs": int(pairs),
+           "latent_shape": list(backbone.latent_shape), "returns": "x0, denoiser space"}
+    path = cache_dir() / PAIRS_KIND / artifact_path(PAIRS_KIND, key).name
     if path.exists() and not outdated_by_fresh(path):
         targets = load_checkpoint(path, key)[0]["targets"]
     else:
@@ -233,7 +235,7 @@ def regression_ceiling(profile: Profile, backbone, score: Scorer, score_key: dic
                        progress: bool = True) -> dict[str, float]:
     """Scores of a one-step student fitted by **regression** to the teacher's own samples instead of by VSD: what
     the student (the profile's ``method`` adapter on the teacher) can express in one step when it is told the
-    answer, an upper reference for the VSD students of the same budget.
+    answer: a reference for the VSD students at a given budget (``steps``), with or without VSD.
 
     :func:`teacher_pairs` gives ``pairs`` (noise z, training caption, teacher x0) triples, sampled with the
     multi-step teacher (``profile.sampling.num_inference_steps`` DDIM steps at the distillation's
@@ -242,14 +244,16 @@ def regression_ceiling(profile: Profile, backbone, score: Scorer, score_key: dic
     (default: the distillation's) of AdamW at ``lr`` (default: the method's student lr), batch and clipping as in
     distillation. Cached as a ``ceiling_scores`` record keyed by everything that determines it and ``score_key``:
     the scores of the fitted student, and ``pair_mse_at_init`` / ``pair_mse_fitted``, its mean squared x0 error over
-    all pairs before and after fitting.
+    all pairs before and after fitting. The fitted student's trainable weights are kept in the scratch folder, so
+    that scoring the same fit under another ``score_key`` does not fit it again.
     """
     config = student_config(profile.distill, method, **({} if lr is None else {"student_lr": lr}),
                             **({} if steps is None else {"steps": steps}))
     sampling = profile.sampling
     prompts = _train_prompts(profile)
-    key = {"student": _artifact_key(backbone, prompts, config), "pairs": pairs,
-           "teacher_steps": sampling.num_inference_steps, "score": score_key}
+    fit_key = {"student": _artifact_key(backbone, prompts, config), "pairs": pairs,
+               "teacher_steps": sampling.num_inference_steps}
+    fit_path = cache_dir() / FIT_KIND / artifact_path(FIT_KIND, fit_key).name
 
     def compute() -> dict[str, float]:
         data = teacher_pairs(backbone, prompts, pairs, config.seed, sampling.num_inference_steps,
@@ -268,23 +272,32 @@ def regression_ceiling(profile: Profile, backbone, score: Scorer, score_key: dic
             return sum(float((x0(i) - targets[i]).square().sum()) for i in chunks) / targets.numel()
 
         mse_at_init = mse_over_pairs()
-        params = list(_trainable(student).values())
-        optimizer = _optimizer(config, params, config.student_lr)
-        student.train()
-        bar = tqdm(range(config.steps), desc=f"{method} regression to the teacher", disable=not progress)
-        for _ in bar:
-            index = torch.randint(0, pairs, (config.batch_size,), generator=generator)
-            loss = torch.nn.functional.mse_loss(x0(index), targets[index])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            bar.set_postfix(mse=f"{loss.item():.4f}")
+        trainable = _trainable(student)
+        if fit_path.exists() and not outdated_by_fresh(fit_path):
+            with torch.no_grad():
+                for name, value in load_checkpoint(fit_path, fit_key)[0].items():
+                    trainable[name].copy_(value)
+        else:
+            params = list(trainable.values())
+            optimizer = _optimizer(config, params, config.student_lr)
+            student.train()
+            bar = tqdm(range(config.steps), desc=f"{method} regression to the teacher", disable=not progress)
+            for _ in bar:
+                index = torch.randint(0, pairs, (config.batch_size,), generator=generator)
+                loss = torch.nn.functional.mse_loss(x0(index), targets[index])
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                bar.set_postfix(mse=f"{loss.item():.4f}")
+            fit_path.parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(fit_path, dict(trainable), fit_key)
         student.eval()
         scores = {name: float(value) for name, value in score(student).items()}
         return {**scores, "pair_mse_at_init": mse_at_init, "pair_mse_fitted": mse_over_pairs()}
 
-    return load_or_compute_record(CEILING_KIND, key, compute, label=f"{method} regression ceiling")
+    return load_or_compute_record(CEILING_KIND, {**fit_key, "score": score_key}, compute,
+                                  label=f"{method} regression ceiling")
 
 
 WORLD_KIND = "world_scores"
