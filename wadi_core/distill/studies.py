@@ -46,7 +46,7 @@ from .students import (
     prompt_embeddings,
     student_config,
 )
-from .vsd import _optimizer, _trainable
+from .vsd import _load_params, _optimizer, _trainable
 
 SWEEP_KIND = "sweep_scores"
 SEED_KIND = "seed_scores"
@@ -272,13 +272,10 @@ def regression_ceiling(profile: Profile, backbone, score: Scorer, score_key: dic
             return sum(float((x0(i) - targets[i]).square().sum()) for i in chunks) / targets.numel()
 
         mse_at_init = mse_over_pairs()
-        trainable = _trainable(student)
         if fit_path.exists() and not outdated_by_fresh(fit_path):
-            with torch.no_grad():
-                for name, value in load_checkpoint(fit_path, fit_key)[0].items():
-                    trainable[name].copy_(value)
+            _load_params(student, load_checkpoint(fit_path, fit_key)[0], "student", fit_path)
         else:
-            params = list(trainable.values())
+            params = list(_trainable(student).values())
             optimizer = _optimizer(config, params, config.student_lr)
             student.train()
             bar = tqdm(range(config.steps), desc=f"{method} regression to the teacher", disable=not progress)
@@ -291,7 +288,7 @@ def regression_ceiling(profile: Profile, backbone, score: Scorer, score_key: dic
                 optimizer.zero_grad(set_to_none=True)
                 bar.set_postfix(mse=f"{loss.item():.4f}")
             fit_path.parent.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(fit_path, dict(trainable), fit_key)
+            save_checkpoint(fit_path, {f"student.{name}": p for name, p in _trainable(student).items()}, fit_key)
         student.eval()
         scores = {name: float(value) for name, value in score(student).items()}
         return {**scores, "pair_mse_at_init": mse_at_init, "pair_mse_fitted": mse_over_pairs()}
