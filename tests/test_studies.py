@@ -28,9 +28,11 @@ from wadi_core.distill import (
     seed_summary,
     student_config,
     student_scores,
+    students,
     studies,
     sweep_config,
     teacher_pairs,
+    training_data,
     world_study,
 )
 from wadi_core.distill.students import COMBINATIONS, FIRST_RECIPE, RECIPE
@@ -200,7 +202,7 @@ def test_regression_ceiling_fits_the_teacher_samples_and_is_kept_as_a_record(smo
         samplings.append(kwargs["noise"])
         return sample_ddim(*args, **kwargs)
 
-    monkeypatch.setattr(studies, "sample_ddim", counted_sample_ddim)
+    monkeypatch.setattr(training_data, "sample_ddim", counted_sample_ddim)
 
     record = regression_ceiling(smoke_profile, backbone, score, {"scorer": "count"}, pairs=8, steps=30, lr=1e-2,
                                 progress=False)
@@ -224,6 +226,25 @@ def test_regression_ceiling_fits_the_teacher_samples_and_is_kept_as_a_record(smo
                           smoke_profile.sampling.batch_size, progress=False)
     assert len(samplings) == 1 and torch.equal(pairs["z"], samplings[0])
     assert pairs["targets"].shape == pairs["z"].shape == (8, *backbone.latent_shape)
+
+
+def test_a_student_with_dmd_regression_loss_trains_on_the_teacher_pairs_of_its_config(smoke_profile, monkeypatch):
+    """distill samples the config's regression pairs (its seed, guidance and DDIM steps) once, in the scratch
+    folder, and trains on them; the student is another artifact than the plain recipe's."""
+    backbone = load_backbone(smoke_profile.backbone)
+    calls = []
+
+    def counted_teacher_pairs(*args, **kwargs):
+        calls.append(args)
+        return teacher_pairs(*args, **kwargs)
+
+    monkeypatch.setattr(students, "teacher_pairs", counted_teacher_pairs)
+    overrides = dict(regression_weight=1.0, regression_pairs=4, regression_teacher_steps=2)
+    regressed = load_or_train_student(smoke_profile, backbone, "lorad", progress=False, **overrides)
+    plain = load_or_train_student(smoke_profile, backbone, "lorad", progress=False)
+    config = regressed.config
+    assert len(calls) == 1 and calls[0][2:] == (4, config.seed, 2, config.guidance_scale)
+    assert regressed.log["regression_loss"].notna().all() and regressed.path != plain.path
 
 
 def test_world_study_scores_each_world_against_its_own_teacher_and_keeps_the_table_as_records(smoke_profile):
@@ -327,10 +348,15 @@ def test_regression_runs_read_from_their_committed_records(monkeypatch):
     full = [fits[run]["pair_mse_fitted"] for run in sorted(run for run in fits if run[0] == "full")]
     assert len(full) >= 2 and all(a > b for a, b in zip(full, full[1:]))  # the longer the fit, the lower its error
     _, _, score_all, key_all = _committed_sweep_scorer(monkeypatch, "eval_prompts")
-    method, pairs, steps = max(profile.distill.regression_runs, key=lambda run: run[2])  # notebook 03's longest
+    method, pairs, steps = profile.distill.longest_regression_run
     on_all = regression_ceiling(profile, backbone, score_all, key_all, method=method, pairs=pairs, steps=steps,
                                 progress=False)
     assert on_all["pair_mse_fitted"] == fits[(method, pairs, steps)]["pair_mse_fitted"]  # the same fit
+
+
+def test_longest_regression_run_is_the_one_with_most_steps():
+    assert get_profile("tiny").distill.longest_regression_run == ("full", 4_096, 8_000)
+    assert replace(get_profile("tiny").distill, regression_runs=()).longest_regression_run is None
 
 
 def test_recipe_search_scales_with_the_profile_and_is_off_for_the_paper_recipe(smoke_profile):

@@ -281,6 +281,8 @@ def test_vsd_config_paper_defaults():
     assert (config.fake_warmup_steps, config.fake_updates_per_step, config.normalize_generator_grad) == (0, 1, False)
     assert (config.fake_null_dropout, config.fake_null_dropout_mode, config.generator_loss_reduction) == (
         0.1, "batch", "mean")
+    assert (config.regression_weight, config.regression_pairs) == (0.0, 0)  # DMD's regression loss: off
+    assert not {"regression_weight", "regression_pairs", "regression_teacher_steps"} & set(config.key_dict())
     hash(config)  # frozen: usable as an artifact key
 
 
@@ -301,6 +303,10 @@ def test_vsd_config_paper_defaults():
         (dict(ema_decay=1.0), "ema_decay"),
         (dict(batch_size=0), "batch_size"),
         (dict(fake_null_dropout_mode="row"), "fake_null_dropout_mode"),
+        (dict(regression_weight=-0.5, regression_pairs=8), "regression_weight"),
+        (dict(regression_weight=0.5), "regression_pairs"),
+        (dict(regression_pairs=8), "regression_weight"),
+        (dict(regression_teacher_steps=0), "regression_teacher_steps"),
     ],
 )
 def test_vsd_config_validation_names_field(kwargs, field):

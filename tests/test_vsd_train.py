@@ -108,7 +108,8 @@ def test_log_has_one_finite_row_per_step(uninterrupted):
     log = uninterrupted.log
     assert list(log.columns) == list(LOG_COLUMNS)
     assert log["step"].tolist() == [1, 2, 3, 4]
-    assert all(math.isfinite(v) for v in log.drop(columns="step").to_numpy().ravel())
+    assert log["regression_loss"].isna().all()  # DMD's regression loss is off by default
+    assert all(math.isfinite(v) for v in log.drop(columns=["step", "regression_loss"]).to_numpy().ravel())
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, scheduler, prompts):
@@ -230,3 +231,70 @@ def test_build_vsd_trains_a_given_student(scheduler, prompts):
         vsd_step(state)
     assert state.raw_student is student
     assert any(not torch.equal(before[n], p) for n, p in trainable(student).items())
+
+
+def teacher_pairs_of(embeds, count: int = 6) -> dict[str, torch.Tensor]:
+    """Stand-in teacher pairs: noise, prompt states and a target x0 (any fixed tensor serves the loop's tests)."""
+    gen = torch.Generator().manual_seed(11)
+    z = torch.randn(count, CHANNELS, SIZE, SIZE, generator=gen)
+    return {"z": z, "cond": embeds[:count], "targets": 0.5 * torch.randn(count, CHANNELS, SIZE, SIZE, generator=gen)}
+
+
+def test_regression_loss_is_the_x0_error_on_pairs_drawn_after_the_generator_loss(scheduler, prompts):
+    """DMD's regression term: MSE(x0_student(z, c), x0_teacher) on B pair indices drawn from the loop generator
+    after the generator loss's (t, ε); it is added to the generator loss at ``regression_weight``."""
+    embeds, null = prompts
+    pairs = teacher_pairs_of(embeds)
+    cfg = config(regression_weight=0.5, regression_pairs=6)
+    with torch.random.fork_rng(devices=[]):
+        state = build_vsd(tiny_unet(), scheduler, embeds, null, cfg, regression_pairs=pairs)
+        before = copy.deepcopy(state.raw_student)
+        replay = torch.Generator().set_state(state.generator.get_state())
+        row = vsd_step(state)
+    torch.randint(0, PROMPTS, (BATCH,), generator=replay)  # prompt indices
+    torch.randn(BATCH, CHANNELS, SIZE, SIZE, generator=replay)  # z
+    torch.randint(20, 981, (BATCH,), generator=replay)  # the generator loss's t ...
+    torch.randn(BATCH, CHANNELS, SIZE, SIZE, generator=replay)  # ... and ε
+    index = torch.randint(0, 6, (BATCH,), generator=replay)
+    with torch.no_grad():
+        x0 = one_step_x0(before, pairs["z"][index], pairs["cond"][index], scheduler)
+    assert row["regression_loss"] == pytest.approx(float((x0 - pairs["targets"][index]).square().mean()), rel=1e-5)
+    assert math.isfinite(row["generator_loss"])
+
+
+def test_regression_loss_pulls_the_student_to_the_pairs_and_resumes_bitwise(tmp_path, scheduler, prompts):
+    embeds, null = prompts
+    pairs = teacher_pairs_of(embeds)
+    plain = config(steps=6, student_lr=1e-2)
+    regressed = config(steps=6, student_lr=1e-2, regression_weight=100.0, regression_pairs=6)
+
+    def pair_error(student) -> float:
+        with torch.no_grad():
+            x0 = one_step_x0(student, pairs["z"], pairs["cond"], scheduler)
+        return float((x0 - pairs["targets"]).square().mean())
+
+    vsd = train_vsd(tiny_unet(), scheduler, embeds, null, plain, tmp_path / "vsd", progress=False)
+    whole = train_vsd(tiny_unet(), scheduler, embeds, null, regressed, tmp_path / "A", progress=False,
+                      regression_pairs=pairs)
+    assert pair_error(whole.student) < pair_error(vsd.student)
+    assert whole.log["regression_loss"].notna().all()
+    train_vsd(tiny_unet(), scheduler, embeds, null, regressed, tmp_path / "B", max_steps=3, progress=False,
+              regression_pairs=pairs)
+    resumed = train_vsd(tiny_unet(), scheduler, embeds, null, regressed, tmp_path / "B", progress=False,
+                        regression_pairs=pairs)
+    want, got = trainable(whole.student), trainable(resumed.student)
+    assert resumed.resumed_from == 3 and all(torch.equal(want[n], got[n]) for n in want)
+    assert resumed.log["regression_loss"].tolist() == whole.log["regression_loss"].tolist()
+
+
+@pytest.mark.parametrize("weight, count, given, match", [
+    (0.5, 6, None, "needs regression pairs"),
+    (0.0, 0, 6, "regression_weight is 0"),
+    (0.5, 5, 6, "regression_pairs=5"),
+])
+def test_regression_pairs_must_match_the_config(scheduler, prompts, weight, count, given, match):
+    embeds, null = prompts
+    pairs = None if given is None else teacher_pairs_of(embeds, given)
+    with pytest.raises(ValueError, match=match):
+        build_vsd(tiny_unet(), scheduler, embeds, null, config(regression_weight=weight, regression_pairs=count),
+                  regression_pairs=pairs)

@@ -202,6 +202,12 @@ class DistillConfig:
     world_study_prompts: int = 512
     seed: int = 6
 
+    @property
+    def longest_regression_run(self) -> tuple[str, int, int] | None:
+        """The (method, pairs, steps) of ``regression_runs`` with the most steps, which notebook 03 also scores on
+        all the evaluation prompts; None when there is none."""
+        return max(self.regression_runs, key=lambda run: run[2], default=None)
+
 
 @dataclass(frozen=True)
 class ControlNetConfig:

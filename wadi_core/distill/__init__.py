@@ -1,6 +1,7 @@
 """One-step VSD distillation (WaDi §3.3): the objective as pure functions (:mod:`.losses`), the run configuration
-(:mod:`.config`), the loop and its pieces (:mod:`.vsd`), the cached tiny-world students (:mod:`.students`) and the
-fair comparison of methods: one lr sweep for all, several seeds (:mod:`.studies`)."""
+(:mod:`.config`), the loop and its pieces (:mod:`.vsd`), what it trains on (:mod:`.training_data`), the cached
+tiny-world students (:mod:`.students`) and the fair comparison of methods: one lr sweep for all, several seeds
+(:mod:`.studies`)."""
 
 from ..diffusion import one_step_x0
 from .config import MIXED_PRECISION, VSDConfig
@@ -49,15 +50,14 @@ from .students import (  # noqa: E402
     load_or_train_student,
     one_step_generate,
     one_step_scheduler_config,
-    prompt_embeddings,
     recipe_search,
     recipe_stages,
     student_config,
 )
 
 __all__ += ["STUDENT_METHODS", "deviation_study", "distill", "export_student", "load_or_train_student",
-            "one_step_generate", "one_step_scheduler_config", "prompt_embeddings", "recipe_search",
-            "recipe_stages", "student_config"]
+            "one_step_generate", "one_step_scheduler_config", "recipe_search", "recipe_stages",
+            "student_config"]
 
 from .studies import (  # noqa: E402
     best_lrs,
@@ -72,11 +72,14 @@ from .studies import (  # noqa: E402
     student_scores,
     sweep_config,
     sweep_point,
-    teacher_pairs,
     world_recipes,
     world_study,
 )
 
 __all__ += ["beyond_spread", "best_lrs", "lr_sweep", "recipe_study", "record_key", "record_path", "regression_ceiling",
-            "seed_runs", "seed_summary", "student_scores", "sweep_config", "sweep_point", "teacher_pairs",
-            "world_recipes", "world_study"]
+            "seed_runs", "seed_summary", "student_scores", "sweep_config", "sweep_point", "world_recipes",
+            "world_study"]
+
+from .training_data import prompt_embeddings, teacher_pairs  # noqa: E402
+
+__all__ += ["prompt_embeddings", "teacher_pairs"]

@@ -5,7 +5,7 @@ Defaults are the paper's values (``train_dkd_sd1.5.sh`` and ``train_dkd_sd.py``'
 checkpointing), which default to what runs on a CPU; :meth:`VSDConfig.official` is the whole official recipe of
 each backbone. Every deviation from the official loop that the tiny world
 may need (fake-score warm-up, fake:generator update ratio, gradient normalisation, EMA, loss reduction, dropout
-mode, the fake score's guidance) is a named field whose paper-faithful value is the default.
+mode, the fake score's guidance, DMD's regression loss) is a named field whose paper-faithful value is the default.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw_8bit")
 # Fields added after the tiny-world students were trained: an artifact key leaves them out while they hold their
 # default (which is what those students were trained with), so the bundled students stay valid.
-_KEYED_ONLY_OFF_DEFAULT = ("one_step_alpha_bar", "gradient_checkpointing", "optimizer", "fake_guidance_scale")
+_KEYED_ONLY_OFF_DEFAULT = ("one_step_alpha_bar", "gradient_checkpointing", "optimizer", "fake_guidance_scale",
+                           "regression_weight", "regression_pairs", "regression_teacher_steps")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,12 @@ class VSDConfig:
     # CFG of the fake score in the generator loss; None: guidance_scale, as the official code guides both scores.
     # 1.0 leaves the fake score unguided, as DMD does, so that the student is pulled toward the guided teacher.
     fake_guidance_scale: float | None = None
+    # DMD's regression loss (Yin et al. 2024, ours), added to the generator loss: regression_weight ·
+    # MSE(x0(z, c), x0_teacher(z, c)) on a batch of `batch_size` of `regression_pairs` (noise, prompt, teacher x0)
+    # triples, the teacher's DDIM samples of `regression_teacher_steps` steps at `guidance_scale`. 0: off (official).
+    regression_weight: float = 0.0
+    regression_pairs: int = 0
+    regression_teacher_steps: int = 25
     # Runtime.
     seed: int = 0  # the official scripts use seed None (non-deterministic); ours is always fixed
     mixed_precision: str = "no"  # accelerate's setting; paper: "fp16" (SD), "bf16" (PixArt); "no" on CPU
@@ -72,11 +79,12 @@ class VSDConfig:
                 raise ValueError(
                     f"VSDConfig.{name}: unknown adapter method {value!r}; choose one of {', '.join(METHODS)}"
                 )
-        for name in ("student_rank", "fake_rank", "batch_size", "checkpoint_every", "fake_updates_per_step"):
+        for name in ("student_rank", "fake_rank", "batch_size", "checkpoint_every", "fake_updates_per_step",
+                     "regression_teacher_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"VSDConfig.{name}: must be a positive integer, got {value!r}")
-        for name in ("steps", "fake_warmup_steps"):
+        for name in ("steps", "fake_warmup_steps", "regression_pairs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"VSDConfig.{name}: must be a non-negative integer, got {value!r}")
@@ -94,6 +102,11 @@ class VSDConfig:
         if self.fake_guidance_scale is not None and not self.fake_guidance_scale > 0:
             raise ValueError(f"VSDConfig.fake_guidance_scale: must be None (= guidance_scale) or > 0, "
                              f"got {self.fake_guidance_scale!r}")
+        if not self.regression_weight >= 0:
+            raise ValueError(f"VSDConfig.regression_weight: must be ≥ 0 (0: off), got {self.regression_weight!r}")
+        if (self.regression_weight > 0) != (self.regression_pairs > 0):
+            raise ValueError(f"VSDConfig.regression_weight={self.regression_weight} and regression_pairs="
+                             f"{self.regression_pairs}: the regression loss needs both > 0, or both 0 (off)")
         if not 0.0 <= self.fake_null_dropout <= 1.0:
             raise ValueError(f"VSDConfig.fake_null_dropout: must lie in [0, 1], got {self.fake_null_dropout!r}")
         if self.fake_null_dropout_mode not in NULL_DROPOUT_MODES:

@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import inspect
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -37,7 +34,6 @@ from ..adapters import inject, merged_copy
 from ..artifacts import (
     TrainedModel,
     artifact_path,
-    atomic_path,
     cache_dir,
     load_or_train,
     module_digest,
@@ -48,6 +44,7 @@ from ..diffusion import one_step_x0
 from ..profiles import DistillConfig, Profile
 from ..world import make_split
 from .config import VSDConfig
+from .training_data import prompt_embeddings, teacher_pairs
 from .vsd import PromptEncoder, VSDResult, train_vsd
 
 STUDENT_KIND = "student"
@@ -168,23 +165,6 @@ def recipe_stages(distill: DistillConfig) -> dict[str, str]:
     return {name: stages[name] for name in recipe_search(distill)}
 
 
-def prompt_embeddings(backbone, prompts: list[str], batch_size: int = 512) -> torch.Tensor:
-    """(N, L, D) frozen text states of ``prompts``: VSD is image-free and trains on these only (the official
-    ``dataset.py`` feeds prompts, no images). Cached as ``<cache>/embeddings/<hash>.safetensors`` keyed by the
-    prompts and the text encoder."""
-    key = hashlib.sha256(json.dumps(prompts).encode() + module_digest(backbone.text_encoder).encode())
-    path = cache_dir() / "embeddings" / f"{key.hexdigest()[:16]}.safetensors"
-    if path.exists():
-        return load_file(str(path))["embeddings"]
-    with torch.no_grad():
-        states = torch.cat([backbone.encode_prompts(prompts[i : i + batch_size])
-                            for i in range(0, len(prompts), batch_size)])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        save_file({"embeddings": states.contiguous()}, str(tmp))
-    return states
-
-
 def _artifact_key(backbone, prompts: list[str], config: VSDConfig) -> dict:
     return {
         "teacher": module_digest(backbone.denoiser),
@@ -229,7 +209,9 @@ def distill(backbone, prompts: list[str], config: VSDConfig, out_dir: str | Path
     text states fit in :data:`EMBEDDING_CACHE_LIMIT_BYTES` (``cache_embeddings=None``), else encoded as each
     step draws them (:class:`~.vsd.PromptEncoder`), as the official ``dataset.py`` does: 1.4M JourneyDB prompts
     would take 330 GB of SD1.5 text states. A ``config.one_step_alpha_bar`` of None takes the backbone's (PixArt:
-    the official 0.0047).
+    the official 0.0047). With ``config.regression_weight`` > 0 the teacher first samples the
+    ``config.regression_pairs`` pairs of DMD's regression loss from the prompts (:func:`~.training_data.teacher_pairs`,
+    DDIM with ``regression_teacher_steps`` steps at ``guidance_scale``, noise from ``seed``; cached).
 
     Raises:
         ValueError: no prompts, or a checkpoint in ``out_dir`` from another config.
@@ -245,8 +227,12 @@ def distill(backbone, prompts: list[str], config: VSDConfig, out_dir: str | Path
         embeds = prompt_embeddings(backbone, prompts)
     else:
         embeds = PromptEncoder(prompts, backbone.encode_prompts)
+    pairs = None
+    if config.regression_weight > 0:
+        pairs = teacher_pairs(backbone, prompts, config.regression_pairs, config.seed,
+                              config.regression_teacher_steps, config.guidance_scale, progress=progress)
     return train_vsd(backbone.denoiser, backbone.scheduler, embeds, null, config, out_dir, max_steps=max_steps,
-                     progress=progress)
+                     progress=progress, regression_pairs=pairs)
 
 
 def load_or_train_student(

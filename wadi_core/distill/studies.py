@@ -25,12 +25,9 @@ from ..artifacts import (
     cache_dir,
     load_checkpoint,
     load_or_compute_record,
-    module_digest,
     outdated_by_fresh,
-    prompts_digest,
     save_checkpoint,
 )
-from ..backbones.backbone import sample_ddim
 from ..diffusion import one_step_x0
 from ..profiles import Profile
 from ..world import make_split
@@ -43,9 +40,9 @@ from .students import (
     distill,
     load_or_train_student,
     one_step_generate,
-    prompt_embeddings,
     student_config,
 )
+from .training_data import teacher_pairs
 from .vsd import _load_params, _optimizer, _trainable
 
 SWEEP_KIND = "sweep_scores"
@@ -196,38 +193,7 @@ def beyond_spread(summary: pd.DataFrame, better: Hashable, worse: Hashable, metr
     return bool(gap > a[f"{metric} ±"] + b[f"{metric} ±"])
 
 
-PAIRS_KIND = "regression_pairs"
 FIT_KIND = "regression_fit"
-
-
-def teacher_pairs(backbone, prompts: Sequence[str], pairs: int, seed: int, num_inference_steps: int,
-                  guidance_scale: float, batch_size: int = 128, progress: bool = True) -> dict[str, torch.Tensor]:
-    """``pairs`` (noise, caption, teacher x0) triples for :func:`regression_ceiling`: noise z drawn from ``seed``,
-    the captions cycled in order, and the teacher's DDIM samples from that z (x0 in the denoiser's space, before
-    any VAE decoding). Cached in the scratch folder (:func:`~wadi_core.artifacts.cache_dir`; regenerable, never
-    committed), keyed by everything that determines them (teacher and text-encoder weights, scheduler, prompts,
-    sampler settings, seed, batch, sample shape and ``pairs``), so that regressions at several budgets share one
-    sampling (4,096 pairs: about 22 CPU-minutes on one thread in the tiny world).
-
-    Returns ``{"z", "cond", "targets"}``; ``cond`` is not stored but re-encoded (cheap)."""
-    prompts = list(prompts)
-    cond = prompt_embeddings(backbone, prompts)[torch.arange(pairs) % len(prompts)]
-    z = torch.randn(pairs, *backbone.latent_shape, generator=torch.Generator().manual_seed(seed))
-    key = {"teacher": module_digest(backbone.denoiser), "text_encoder": module_digest(backbone.text_encoder),
-           "scheduler": {k: v for k, v in backbone.scheduler.config.items() if not k.startswith("_")},
-           "prompts": prompts_digest(prompts), "sampler": "ddim-cfg",
-           "num_inference_steps": int(num_inference_steps), "guidance_scale": float(guidance_scale),
-           "seed": int(seed), "batch_size": int(batch_size), "pairs": int(pairs),
-           "latent_shape": list(backbone.latent_shape), "returns": "x0, denoiser space"}
-    path = cache_dir() / PAIRS_KIND / artifact_path(PAIRS_KIND, key).name
-    if path.exists() and not outdated_by_fresh(path):
-        targets = load_checkpoint(path, key)[0]["targets"]
-    else:
-        targets = sample_ddim(backbone.denoiser, backbone.scheduler, cond, backbone.null_embedding(),
-                              num_inference_steps, guidance_scale, seed, batch_size, progress, noise=z)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(path, {"targets": targets.contiguous()}, key)
-    return {"z": z, "cond": cond, "targets": targets}
 
 
 def regression_ceiling(profile: Profile, backbone, score: Scorer, score_key: dict, method: str = "lorad",

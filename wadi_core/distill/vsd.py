@@ -17,9 +17,10 @@ Determinism: every random draw of the loop (prompt indices, z, the losses' t/ε/
 ``torch.Generator`` seeded with ``config.seed`` (plus the process index under ``accelerate launch``); adapter
 initialisation uses the global CPU RNG, which :func:`build_vsd` seeds with ``config.seed`` (:func:`train_vsd`
 runs inside a forked RNG scope, so the caller's global RNG is untouched). Order of draws per generator step:
-prompt indices (B,), z (B, C, H, W), the generator loss (t, ε), then for each fake update the fake-score loss
-(t, ε, dropout). A checkpoint stores the trainable parameters, both optimizers' states, the CPU RNG state and the
-loop generator's state, so that on CPU an interrupted run resumed to the end equals the uninterrupted run bitwise.
+prompt indices (B,), z (B, C, H, W), the generator loss (t, ε), the regression pairs' indices (B,) when
+``regression_weight`` > 0, then for each fake update the fake-score loss (t, ε, dropout). A checkpoint stores
+the trainable parameters, both optimizers' states, the CPU RNG state and the loop generator's state, so that on
+CPU an interrupted run resumed to the end equals the uninterrupted run bitwise.
 
 Checkpoint format (safetensors, no pickle): tensors ``student.<param>``, ``fake.<param>``,
 ``optim.student.<i>.<key>``, ``optim.fake.<i>.<key>`` (AdamW state of the i-th trainable parameter),
@@ -59,7 +60,8 @@ if TYPE_CHECKING:
 
 CHECKPOINT_FORMAT = "wadi-vsd-checkpoint"
 LOG_NAME = "log.csv"
-LOG_COLUMNS = ("step", "generator_loss", "fake_loss", "student_grad_norm", "fake_grad_norm", "seconds")
+LOG_COLUMNS = ("step", "generator_loss", "regression_loss", "fake_loss", "student_grad_norm", "fake_grad_norm",
+               "seconds")
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.safetensors$")
 # Fields that may differ between a run and its resumption (they change where it stops, not what it computes).
 _RESUMABLE_CHANGES = ("steps", "checkpoint_every")
@@ -100,6 +102,7 @@ class VSDState:
     latent_shape: tuple[int, ...]  # (C, H, W) of z
     per_process_batch: int
     ema: dict[str, torch.Tensor] | None  # the student's θ-EMA (fp32, on the training device) or None
+    pairs: dict[str, torch.Tensor] | None  # DMD's regression pairs {"z", "cond", "targets"} on the CPU, or None
     step: int = 0  # generator steps done
     last_checkpoint: Path | None = None  # the latest checkpoint written or resumed from
 
@@ -263,6 +266,7 @@ def build_vsd(
     null_embed: torch.Tensor,
     config: VSDConfig,
     student: nn.Module | None = None,
+    regression_pairs: dict[str, torch.Tensor] | None = None,
 ) -> VSDState:
     """Student, fake score, optimizers and accelerate for a fresh run (step 0); seeds the global CPU RNG.
 
@@ -278,11 +282,18 @@ def build_vsd(
         student: an already adapted student to train instead of the default, a copy of the teacher with
             ``config.student_method`` at ``config.student_rank`` (e.g. LoRaD through the official forward hook,
             for the training-step benchmark).
+        regression_pairs: ``{"z", "cond", "targets"}``, ``config.regression_pairs`` (noise (N, C, H, W), text
+            states (N, L, D), teacher x0 (N, C, H, W)) triples of DMD's regression loss
+            (:func:`~.training_data.teacher_pairs`); needed exactly when ``config.regression_weight`` > 0.
+
+    Raises:
+        ValueError: bad shapes, or regression pairs missing, superfluous or of another count than the config's.
     """
     from accelerate import Accelerator
 
     if isinstance(prompt_embeds, torch.Tensor) and prompt_embeds.ndim != 3:
         raise ValueError(f"prompt_embeds must be (N, L, D), got shape {tuple(prompt_embeds.shape)}")
+    _check_regression_pairs(regression_pairs, config)
     torch.manual_seed(config.seed)
     # (1) Student: teacher weights + adapter at identity ("full": every parameter trainable), as `register_hooks`
     #     adapts the official student (WaDi §3.2).
@@ -325,7 +336,22 @@ def build_vsd(
         null=null_embed.reshape(1, *null_embed.shape[-2:]).to(device),
         latent_shape=(raw_student.config.in_channels, *size),
         per_process_batch=max(1, config.batch_size // accelerator.num_processes), ema=ema,
+        pairs=None if regression_pairs is None else {k: v.detach().cpu() for k, v in regression_pairs.items()},
     )
+
+
+def _check_regression_pairs(pairs: dict[str, torch.Tensor] | None, config: VSDConfig) -> None:
+    if config.regression_weight == 0:
+        if pairs is not None:
+            raise ValueError("regression pairs given but VSDConfig.regression_weight is 0 (the loss is off)")
+        return
+    if pairs is None or set(pairs) != {"z", "cond", "targets"}:
+        raise ValueError(f"VSDConfig.regression_weight={config.regression_weight} needs regression pairs "
+                         "{'z', 'cond', 'targets'} (wadi_core.distill.teacher_pairs)")
+    counts = {name: len(value) for name, value in pairs.items()}
+    if set(counts.values()) != {config.regression_pairs} or pairs["z"].shape != pairs["targets"].shape:
+        raise ValueError(f"regression pairs: VSDConfig.regression_pairs={config.regression_pairs}, got counts "
+                         f"{counts}, z {tuple(pairs['z'].shape)} and targets {tuple(pairs['targets'].shape)}")
 
 
 def resume_vsd(state: VSDState, out_dir: str | Path) -> int | None:
@@ -362,6 +388,16 @@ def sample_batch(state: VSDState) -> tuple[torch.Tensor, torch.Tensor]:
     return state.prompt_embeds[index].to(device), z.to(device)
 
 
+def _regression_loss(state: VSDState) -> torch.Tensor:
+    """(5c'') DMD's regression loss: MSE between the student's one-step x0 and the teacher's on B pairs drawn from
+    the loop generator."""
+    pairs, device = state.pairs, state.accelerator.device
+    index = torch.randint(0, len(pairs["z"]), (state.per_process_batch,), generator=state.generator)
+    x0 = one_step_x0(state.student, pairs["z"][index].to(device), pairs["cond"][index].to(device), state.scheduler,
+                     state.config.one_step_alpha_bar)
+    return torch.nn.functional.mse_loss(x0.float(), pairs["targets"][index].to(device).float())
+
+
 def _fake_update(state: VSDState, x0: torch.Tensor, cond: torch.Tensor, where: str) -> tuple[float, float]:
     """(5d) One fake-score step on the student's detached samples."""
     config, accelerator = state.config, state.accelerator
@@ -390,7 +426,8 @@ def warm_up_fake(state: VSDState) -> None:
 def vsd_step(state: VSDState) -> dict[str, float]:
     """One generator step and its fake-score update(s), as the student step of ``train_dkd_sd.py`` (WaDi §3.3).
 
-    Returns the values of the step's log row: generator_loss, fake_loss, student_grad_norm, fake_grad_norm.
+    Returns the values of the step's log row: generator_loss, regression_loss (NaN when off), fake_loss,
+    student_grad_norm, fake_grad_norm.
 
     Raises:
         RuntimeError: a non-finite loss; nothing is updated at this step and the message names it.
@@ -408,9 +445,12 @@ def vsd_step(state: VSDState) -> dict[str, float]:
                                    reduction=config.generator_loss_reduction,
                                    normalize=config.normalize_generator_grad,
                                    fake_guidance_scale=config.fake_guidance_scale)
+        # (5c'') DMD's regression loss on the teacher's pairs, when on (not in the official loop).
+        r_loss = _regression_loss(state) if state.pairs is not None else None
     # (7) A non-finite loss stops before any update; the last checkpoint stays as it is.
     g_value = _check_finite(g_loss, "generator loss", where, state.last_checkpoint)
-    accelerator.backward(g_loss)
+    r_value = math.nan if r_loss is None else _check_finite(r_loss, "regression loss", where, state.last_checkpoint)
+    accelerator.backward(g_loss if r_loss is None else g_loss + config.regression_weight * r_loss)
     s_norm = accelerator.clip_grad_norm_(list(_trainable(state.raw_student).values()), config.grad_clip)
     state.opt_student.step()
     state.opt_student.zero_grad(set_to_none=True)
@@ -422,8 +462,8 @@ def vsd_step(state: VSDState) -> dict[str, float]:
     # (5d) Fake-score update(s) on stopgrad(x0), fresh t/ε each.
     for _ in range(config.fake_updates_per_step):
         f_value, f_norm = _fake_update(state, x0, cond, where)
-    return {"generator_loss": g_value, "fake_loss": f_value, "student_grad_norm": float(s_norm),
-            "fake_grad_norm": f_norm}
+    return {"generator_loss": g_value, "regression_loss": r_value, "fake_loss": f_value,
+            "student_grad_norm": float(s_norm), "fake_grad_norm": f_norm}
 
 
 def save_vsd_checkpoint(state: VSDState, out_dir: str | Path) -> Path:
@@ -449,6 +489,7 @@ def train_vsd(
     out_dir: str | Path,
     max_steps: int | None = None,
     progress: bool = True,
+    regression_pairs: dict[str, torch.Tensor] | None = None,
 ) -> VSDResult:
     """Distil ``teacher_unet`` into a one-step student with VSD (WaDi §3.3), resuming from ``out_dir``.
 
@@ -460,6 +501,7 @@ def train_vsd(
         max_steps: stop once this many generator steps are done in total (all runs together), writing a
             checkpoint there; None means ``config.steps``. For interrupting and resuming a run.
         progress: show a tqdm bar.
+        regression_pairs: the teacher's pairs of DMD's regression loss, as for :func:`build_vsd`.
 
     Raises:
         RuntimeError: a non-finite loss; the message names the step, nothing is updated and the last
@@ -472,7 +514,8 @@ def train_vsd(
     stop = config.steps if max_steps is None else min(int(max_steps), config.steps)
 
     with torch.random.fork_rng(devices=[]):  # the caller's global CPU RNG is left as it was
-        state = build_vsd(teacher_unet, scheduler, prompt_embeds, null_embed, config)  # (1)-(4)
+        state = build_vsd(teacher_unet, scheduler, prompt_embeds, null_embed, config,
+                          regression_pairs=regression_pairs)  # (1)-(4)
         resumed_from = resume_vsd(state, out_dir)  # (9)
         main_process = state.accelerator.is_main_process
         if main_process:

@@ -5,31 +5,26 @@ reads them."""
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from diffusers import DDIMScheduler
 from tqdm import tqdm
 
 from ..artifacts import (
     artifact_path,
     cached,
     load_checkpoint,
-    module_digest,
-    prompts_digest,
     save_checkpoint,
     training_allowed,
 )
 from ..backbones.backbone import Backbone
-from ..backbones.tiny import SD15_SCHEDULER_CONFIG
+from ..backbones.sample_keys import samples_key
 from .fid import _to_uint8, _write_png
 
 SAMPLES_KIND = "samples"
-SAMPLER = "ddim-cfg"  # wadi_core.backbones.sample_ddim: DDIM (η = 0) with classifier-free guidance
 
 
 @dataclass
@@ -44,36 +39,6 @@ class CachedSamples:
     def status(self) -> str:
         verb = "sampled now and saved as" if self.sampled else "loaded from the cache"
         return f"{len(self.images)} teacher samples: {verb} {self.path.name} (sampling took {self.seconds:.1f} s)"
-
-
-def samples_key(backbone: Backbone, prompts: Sequence[str], num_inference_steps: int, guidance_scale: float,
-                seed: int, batch_size: int = 128) -> dict:
-    """Everything that determines ``backbone.sample(prompts, ...)``: the teacher's and text encoder's weights,
-    the prompts and their token ids, the sampler, its schedule and DDIM timesteps, guidance, seed, image size and
-    batch size (batching can change the last bits of float32 results)."""
-    prompts = list(prompts)
-    tokens = backbone.tokenizer(prompts + [""], padding="max_length", max_length=backbone.max_length,
-                                truncation=True, return_tensors="pt").input_ids  # with the null prompt's (CFG)
-    ddim = DDIMScheduler.from_config(backbone.scheduler.config)  # as sample_ddim builds it
-    ddim.set_timesteps(num_inference_steps)
-    config = backbone.denoiser.config
-    key = {
-        "sampler": SAMPLER,
-        "scheduler": {name: backbone.scheduler.config.get(name) for name in SD15_SCHEDULER_CONFIG},
-        "timesteps": ddim.timesteps.tolist(),
-        "teacher": module_digest(backbone.denoiser),
-        "text_encoder": module_digest(backbone.text_encoder),
-        "prompts": prompts_digest(prompts),
-        "tokens": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16],
-        "image_size": [config.in_channels, config.sample_size, config.sample_size],
-        "num_inference_steps": int(num_inference_steps),
-        "guidance_scale": float(guidance_scale),
-        "seed": int(seed),
-        "batch_size": int(batch_size),
-    }
-    if backbone.vae is not None:  # a latent backbone's images also depend on its decoder
-        key["vae"] = module_digest(backbone.vae)
-    return key
 
 
 def one_step_key(backbone: Backbone, prompts: Sequence[str], seed: int) -> dict:

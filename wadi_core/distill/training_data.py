@@ -1,0 +1,71 @@
+"""What a one-step student trains on: the prompts' frozen text states (VSD is image-free, WaDi §3.3) and, for DMD's
+regression loss (``VSDConfig.regression_weight``, ours, not the paper's) or the regression reference of notebook 03,
+the teacher's own (noise, prompt, x0) samples. Both are regenerable and cached in the scratch folder
+(:func:`~wadi_core.artifacts.cache_dir`), never committed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..artifacts import (
+    artifact_path,
+    atomic_path,
+    cache_dir,
+    load_checkpoint,
+    module_digest,
+    outdated_by_fresh,
+    save_checkpoint,
+)
+from ..backbones.backbone import sample_ddim
+from ..backbones.sample_keys import samples_key
+
+PAIRS_KIND = "regression_pairs"
+
+
+def prompt_embeddings(backbone, prompts: list[str], batch_size: int = 512) -> torch.Tensor:
+    """(N, L, D) frozen text states of ``prompts``: VSD is image-free and trains on these only (the official
+    ``dataset.py`` feeds prompts, no images). Cached as ``<cache>/embeddings/<hash>.safetensors`` keyed by the
+    prompts and the text encoder."""
+    key = hashlib.sha256(json.dumps(prompts).encode() + module_digest(backbone.text_encoder).encode())
+    path = cache_dir() / "embeddings" / f"{key.hexdigest()[:16]}.safetensors"
+    if path.exists():
+        return load_file(str(path))["embeddings"]
+    with torch.no_grad():
+        states = torch.cat([backbone.encode_prompts(prompts[i : i + batch_size])
+                            for i in range(0, len(prompts), batch_size)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({"embeddings": states.contiguous()}, str(tmp))
+    return states
+
+
+def teacher_pairs(backbone, prompts: Sequence[str], pairs: int, seed: int, num_inference_steps: int,
+                  guidance_scale: float, batch_size: int = 128, progress: bool = True) -> dict[str, torch.Tensor]:
+    """``pairs`` (noise, caption, teacher x0) triples (the ODE pairs of DMD's regression loss): noise z drawn from
+    ``seed``, the captions cycled in order, and the teacher's DDIM samples from that z (x0 in the denoiser's space,
+    before any VAE decoding). Cached in the scratch folder under the key of those very samples
+    (:func:`~wadi_core.backbones.sample_keys.samples_key` of the cycled captions: teacher and text-encoder weights,
+    scheduler, prompts, sampler settings, seed, batch, sample shape), so that every student and regression that uses them shares one sampling (1,024 pairs: about 5.5 CPU-minutes on one
+    thread in the tiny world).
+
+    Returns ``{"z", "cond", "targets"}``; ``cond`` is not stored but re-encoded (cheap)."""
+    prompts = list(prompts)
+    cond = prompt_embeddings(backbone, prompts)[torch.arange(pairs) % len(prompts)]
+    z = torch.randn(pairs, *backbone.latent_shape, generator=torch.Generator().manual_seed(seed))
+    sampled = [prompts[i % len(prompts)] for i in range(pairs)]  # sample_ddim draws the same z from ``seed``
+    key = {**samples_key(backbone, sampled, num_inference_steps, guidance_scale, seed, batch_size),
+           "returns": "x0, denoiser space"}
+    path = cache_dir() / PAIRS_KIND / artifact_path(PAIRS_KIND, key).name
+    if path.exists() and not outdated_by_fresh(path):
+        targets = load_checkpoint(path, key)[0]["targets"]
+    else:
+        targets = sample_ddim(backbone.denoiser, backbone.scheduler, cond, backbone.null_embedding(),
+                              num_inference_steps, guidance_scale, seed, batch_size, progress, noise=z)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(path, {"targets": targets.contiguous()}, key)
+    return {"z": z, "cond": cond, "targets": targets}
