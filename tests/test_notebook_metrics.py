@@ -136,10 +136,19 @@ EXPECTED: dict[str, dict[str, dict[str, float]]] = {
         "recipe + guidance 4.5, 4 fake updates per step": {"FID": 32.6569, "acc. objects": 0.824219},
         "recipe + guidance 4.5, 4 fake updates, training seed 7": {"FID": 36.1723, "acc. objects": 0.783203},
         "recipe + guidance 4.5, 4 fake updates, training seed 8": {"FID": 34.2893, "acc. objects": 0.767578},
+        "recipe + DMD regression loss 0.25 (512 teacher pairs)": {"FID": 44.4533, "acc. objects": 0.738281},
+        "recipe + DMD regression loss 1 (512 teacher pairs)": {"FID": 43.0786, "acc. objects": 0.720703},
+        "recipe + DMD regression loss 0.05 (512 teacher pairs)": {"FID": 39.9885, "acc. objects": 0.738281},
+        "recipe, full FT student (1e-4) + DMD regression loss 1 (512 teacher pairs)": {"FID": 31.46,
+                                                                                       "acc. objects": 0.779297},
     },
     "03_recipe_candidate": {  # means over the training seeds, 2,048 prompts
         "the recipe": {"FID": 28.9813, "acc. objects": 0.768717},
         "recipe + guidance 4.5, 4 fake updates per step": {"FID": 26.1459, "acc. objects": 0.786458},
+    },
+    "03_dmd_regression": {  # means over the training seeds, 2,048 prompts
+        "Full FT (SwiftBrush), VSD": {"FID": 23.8907, "acc. objects": 0.819824},
+        "Full FT (SwiftBrush), VSD + regression loss": {"FID": 20.7295, "acc. objects": 0.772949},
     },
     "03_regression_ceiling": {  # 512 prompts
         "LoRaD (WaDi), 1,024 pairs, 1,000 steps": {"FID": 55.8814, "acc. objects": 0.667969},
@@ -153,6 +162,7 @@ EXPECTED: dict[str, dict[str, dict[str, float]]] = {
         "WaDi, the recipe (mean of 3 seeds)": {"FID": 28.9813, "acc. objects": 0.768717},
         "WaDi, recipe + guidance 4.5, 4 fake updates per step (mean of 3 seeds)": {"FID": 26.1459,
                                                                                     "acc. objects": 0.786458},
+        "Full FT (SwiftBrush), VSD + regression loss (mean of 3 seeds)": {"FID": 20.7295, "acc. objects": 0.772949},
         "Full FT (SwiftBrush) regressed on 4,096 pairs, 8,000 steps": {"FID": 12.5267, "acc. objects": 0.833984},
     },
     "03_rank_ablation": {  # means over the training seeds

@@ -35,7 +35,7 @@ from wadi_core.distill import (
     training_data,
     world_study,
 )
-from wadi_core.distill.students import COMBINATIONS, FIRST_RECIPE, RECIPE
+from wadi_core.distill.students import COMBINATIONS, DMD_REGRESSION, FIRST_RECIPE, RECIPE
 from wadi_core.distill.studies import RECIPE_KIND, record_path
 from wadi_core.distill.vsd import _optimizer as vsd_optimizer
 from wadi_core.eval import (
@@ -370,8 +370,11 @@ def test_recipe_search_scales_with_the_profile_and_is_off_for_the_paper_recipe(s
     assert recipe_search(replace(distill, recipe_variants=0)) == {}
     stages = recipe_stages(distill)
     assert list(stages) == list(variants)  # one stage per variant, in the search's order
-    assert [stages[name] for name in ("the first tiny recipe", "the same, 1.4x the steps",
-                                      "recipe + guidance 4.5")] == [FIRST_RECIPE, COMBINATIONS, RECIPE]
+    assert [stages[name] for name in ("the first tiny recipe", "the same, 1.4x the steps", "recipe + guidance 4.5",
+                                      "recipe + DMD regression loss 1 (512 teacher pairs)")] == [
+        FIRST_RECIPE, COMBINATIONS, RECIPE, DMD_REGRESSION]
+    dmd = [variants[name] for name, stage in stages.items() if stage == DMD_REGRESSION]
+    assert dmd and all(v["regression_weight"] > 0 and v["regression_pairs"] > 0 for v in dmd)
     assert list(recipe_stages(replace(distill, recipe_variants=3))) == list(variants)[:3]
     study = recipe_study(smoke_profile, load_backbone(smoke_profile.backbone), {}, counting_score()[0], {},
                          progress=False)

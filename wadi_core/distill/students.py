@@ -96,12 +96,13 @@ def deviation_study(distill: DistillConfig) -> dict[str, dict]:
     }
 
 
-FIRST_RECIPE, COMBINATIONS, RECIPE = "first recipe", "combinations", "recipe"  # recipe_search's stages
+# recipe_search's stages
+FIRST_RECIPE, COMBINATIONS, RECIPE, DMD_REGRESSION = "first recipe", "combinations", "recipe", "DMD regression loss"
 
 
 def _recipe_search_by_stage(distill: DistillConfig) -> dict[str, dict[str, dict]]:
-    """:func:`recipe_search`'s variants by stage (:data:`FIRST_RECIPE`, :data:`COMBINATIONS`, :data:`RECIPE`), in
-    the order they ran."""
+    """:func:`recipe_search`'s variants by stage (:data:`FIRST_RECIPE`, :data:`COMBINATIONS`, :data:`RECIPE`,
+    :data:`DMD_REGRESSION`), in the order they ran."""
     half, longer = distill.steps // 2, distill.steps * 7 // 5
     first = dict(steps=half, student_rank=19, student_lr=1e-3, fake_method="lorad", fake_lr=1e-2,
                  guidance_scale=1.5, fake_guidance_scale=None)
@@ -143,7 +144,16 @@ def _recipe_search_by_stage(distill: DistillConfig) -> dict[str, dict[str, dict]
         **{f"recipe + guidance 4.5, 4 fake updates, training seed {seed}": {**stronger, "seed": seed}
            for seed in distill.seeds[1:]},
     }
-    return {FIRST_RECIPE: first_recipe, COMBINATIONS: combinations, RECIPE: recipe}
+    pairs = dict(regression_pairs=512)  # 2.75 CPU-minutes of teacher sampling: the run stays within 30
+    full_student = dict(student_method="full", student_rank=1, student_lr=1e-4)
+    dmd = {
+        "recipe + DMD regression loss 0.25 (512 teacher pairs)": {**pairs, "regression_weight": 0.25},
+        "recipe + DMD regression loss 1 (512 teacher pairs)": {**pairs, "regression_weight": 1.0},
+        "recipe + DMD regression loss 0.05 (512 teacher pairs)": {**pairs, "regression_weight": 0.05},
+        "recipe, full FT student (1e-4) + DMD regression loss 1 (512 teacher pairs)": {
+            **full_student, **pairs, "regression_weight": 1.0},
+    }
+    return {FIRST_RECIPE: first_recipe, COMBINATIONS: combinations, RECIPE: recipe, DMD_REGRESSION: dmd}
 
 
 def recipe_search(distill: DistillConfig) -> dict[str, dict]:
@@ -151,8 +161,9 @@ def recipe_search(distill: DistillConfig) -> dict[str, dict]:
     overrides of the WaDi student in the order it was run: first single changes to the first tiny recipe (the
     pixel world's: LoRaD r = 19 at lr 1e-3, a LoRaD fake score of rank ``fake_rank`` at 1e-2, guidance 1.5 on
     both scores, half the generator steps), then the combinations that became ``distill``'s recipe, then single
-    changes to that; the first ``distill.recipe_variants`` of them (all when None; none for the paper's recipe).
-    :func:`recipe_stages` names the stage of each."""
+    changes to that, then DMD's regression loss added to it (``VSDConfig.regression_weight``); the first
+    ``distill.recipe_variants`` of them (all when None; none for the paper's recipe). :func:`recipe_stages` names
+    the stage of each."""
     variants = {name: overrides for stage in _recipe_search_by_stage(distill).values()
                 for name, overrides in stage.items()}
     return dict(list(variants.items())[: distill.recipe_variants])

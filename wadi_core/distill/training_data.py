@@ -50,8 +50,8 @@ def teacher_pairs(backbone, prompts: Sequence[str], pairs: int, seed: int, num_i
     ``seed``, the captions cycled in order, and the teacher's DDIM samples from that z (x0 in the denoiser's space,
     before any VAE decoding). Cached in the scratch folder under the key of those very samples
     (:func:`~wadi_core.backbones.sample_keys.samples_key` of the cycled captions: teacher and text-encoder weights,
-    scheduler, prompts, sampler settings, seed, batch, sample shape), so that every student and regression that uses them shares one sampling (1,024 pairs: about 5.5 CPU-minutes on one
-    thread in the tiny world).
+    scheduler, prompts, sampler settings, seed, batch, sample shape), so that every student and regression that
+    uses them shares one sampling (1,024 pairs: about 5.5 CPU-minutes on one thread in the tiny world).
 
     Returns ``{"z", "cond", "targets"}``; ``cond`` is not stored but re-encoded (cheap)."""
     prompts = list(prompts)
