@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import CLIPModel
 
-from wadi_core.artifacts import REPO_ROOT, ArtifactError, load_or_compute_record
+from wadi_core.artifacts import REPO_ROOT, ArtifactError, cache_dir, load_or_compute_record
 from wadi_core.backbones import load_backbone, load_or_train_tiny_clip
 from wadi_core.backbones.backbone import sample_ddim
 from wadi_core.backbones.tiny import clip_model_config, train_tokenizer
@@ -37,6 +37,7 @@ from wadi_core.distill import (
 )
 from wadi_core.distill.students import COMBINATIONS, DMD_REGRESSION, FIRST_RECIPE, RECIPE
 from wadi_core.distill.studies import RECIPE_KIND, record_path
+from wadi_core.distill.training_data import PAIRS_KIND
 from wadi_core.distill.vsd import _optimizer as vsd_optimizer
 from wadi_core.eval import (
     ShapesFeatureNet,
@@ -239,12 +240,15 @@ def test_a_student_with_dmd_regression_loss_trains_on_the_teacher_pairs_of_its_c
         return teacher_pairs(*args, **kwargs)
 
     monkeypatch.setattr(students, "teacher_pairs", counted_teacher_pairs)
+    cached_before = set((cache_dir() / PAIRS_KIND).glob("*.safetensors"))
     overrides = dict(regression_weight=1.0, regression_pairs=4, regression_teacher_steps=2)
     regressed = load_or_train_student(smoke_profile, backbone, "lorad", progress=False, **overrides)
     plain = load_or_train_student(smoke_profile, backbone, "lorad", progress=False)
     config = regressed.config
     assert len(calls) == 1 and calls[0][2:] == (4, config.seed, 2, config.guidance_scale)
+    assert calls[0][1] == studies._train_prompts(smoke_profile)  # the student's own training captions
     assert regressed.log["regression_loss"].notna().all() and regressed.path != plain.path
+    assert len(set((cache_dir() / PAIRS_KIND).glob("*.safetensors")) - cached_before) == 1  # kept in the scratch
 
 
 def test_world_study_scores_each_world_against_its_own_teacher_and_keeps_the_table_as_records(smoke_profile):

@@ -307,6 +307,9 @@ def test_vsd_config_paper_defaults():
         (dict(regression_weight=0.5), "regression_pairs"),
         (dict(regression_pairs=8), "regression_weight"),
         (dict(regression_teacher_steps=0), "regression_teacher_steps"),
+        (dict(regression_teacher_steps=50), "regression_teacher_steps"),  # only with the loss on
+        (dict(regression_weight=float("inf"), regression_pairs=8), "regression_weight"),
+        (dict(regression_weight=True, regression_pairs=8), "regression_weight"),
     ],
 )
 def test_vsd_config_validation_names_field(kwargs, field):

@@ -3,6 +3,7 @@ per-step log, full fine-tuning, and the loop's pieces (build / resume / step / c
 toy-size diffusers U-Net."""
 
 import copy
+import json
 import math
 
 import pandas as pd
@@ -10,6 +11,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from wadi_core.adapters import count_trainable, inject
 from wadi_core.backbones.tiny import make_scheduler
@@ -287,14 +289,53 @@ def test_regression_loss_pulls_the_student_to_the_pairs_and_resumes_bitwise(tmp_
     assert resumed.log["regression_loss"].tolist() == whole.log["regression_loss"].tolist()
 
 
+def test_the_student_gradient_is_the_vsd_gradient_plus_weight_times_the_regression_gradient(scheduler, prompts):
+    embeds, null = prompts
+    pairs = teacher_pairs_of(embeds)
+
+    def first_gradient(weight: float) -> torch.Tensor:
+        cfg = config(grad_clip=1e9, **(dict(regression_weight=weight, regression_pairs=6) if weight else {}))
+        with torch.random.fork_rng(devices=[]):
+            state = build_vsd(tiny_unet(), scheduler, embeds, null, cfg, regression_pairs=pairs if weight else None)
+            grads = []
+            state.opt_student.step = lambda: grads.append(torch.cat(
+                [p.grad.flatten() for p in state.raw_student.parameters() if p.requires_grad]))
+            vsd_step(state)
+        return grads[0]
+
+    vsd, once, thrice = first_gradient(0.0), first_gradient(1.0), first_gradient(3.0)
+    assert (once - vsd).abs().max() > 0
+    scale = float((once - vsd).abs().max())  # float32 sums: compare at 1e-5 of the largest entry
+    torch.testing.assert_close(thrice - vsd, 3 * (once - vsd), rtol=1e-2, atol=1e-5 * scale)
+
+
+def test_a_checkpoint_from_before_the_regression_fields_resumes(tmp_path, scheduler, prompts, uninterrupted):
+    """A checkpoint whose config lacks fields added to VSDConfig later resumes: they count as their defaults."""
+    embeds, null = prompts
+    train_vsd(tiny_unet(), scheduler, embeds, null, config(), tmp_path, max_steps=2, progress=False)
+    path = latest_checkpoint(tmp_path)
+    tensors, metadata = load_file(str(path)), safe_open(str(path), framework="pt").metadata()
+    saved = json.loads(metadata["config"])
+    for name in ("regression_weight", "regression_pairs", "regression_teacher_steps"):
+        del saved[name]
+    save_file(tensors, str(path), metadata={**metadata, "config": json.dumps(saved)})
+    resumed = train_vsd(tiny_unet(), scheduler, embeds, null, config(), tmp_path, progress=False)
+    assert resumed.resumed_from == 2
+    want, got = trainable(uninterrupted.student), trainable(resumed.student)
+    assert all(torch.equal(want[n], got[n]) for n in want)
+
+
 @pytest.mark.parametrize("weight, count, given, match", [
     (0.5, 6, None, "needs regression pairs"),
     (0.0, 0, 6, "regression_weight is 0"),
     (0.5, 5, 6, "regression_pairs=5"),
+    (0.5, 6, "wrong shape", "sample shape"),
 ])
 def test_regression_pairs_must_match_the_config(scheduler, prompts, weight, count, given, match):
     embeds, null = prompts
-    pairs = None if given is None else teacher_pairs_of(embeds, given)
+    pairs = None if given is None else teacher_pairs_of(embeds, 6 if given == "wrong shape" else given)
+    if given == "wrong shape":
+        pairs = {**pairs, "z": pairs["z"][:, :, :4], "targets": pairs["targets"][:, :, :4]}
     with pytest.raises(ValueError, match=match):
         build_vsd(tiny_unet(), scheduler, embeds, null, config(regression_weight=weight, regression_pairs=count),
                   regression_pairs=pairs)

@@ -11,6 +11,7 @@ mode, the fake score's guidance, DMD's regression loss) is a named field whose p
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from ..adapters import METHODS
@@ -18,6 +19,7 @@ from .losses import GENERATOR_REDUCTIONS, NULL_DROPOUT_MODES
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw_8bit")
+REGRESSION_TEACHER_STEPS = 25  # DDIM steps of the teacher pairs of DMD's regression loss (the tiny teacher's sampler)
 # Fields added after the tiny-world students were trained: an artifact key leaves them out while they hold their
 # default (which is what those students were trained with), so the bundled students stay valid.
 _KEYED_ONLY_OFF_DEFAULT = ("one_step_alpha_bar", "gradient_checkpointing", "optimizer", "fake_guidance_scale",
@@ -65,7 +67,7 @@ class VSDConfig:
     # triples, the teacher's DDIM samples of `regression_teacher_steps` steps at `guidance_scale`. 0: off (official).
     regression_weight: float = 0.0
     regression_pairs: int = 0
-    regression_teacher_steps: int = 25
+    regression_teacher_steps: int = REGRESSION_TEACHER_STEPS
     # Runtime.
     seed: int = 0  # the official scripts use seed None (non-deterministic); ours is always fixed
     mixed_precision: str = "no"  # accelerate's setting; paper: "fp16" (SD), "bf16" (PixArt); "no" on CPU
@@ -102,11 +104,15 @@ class VSDConfig:
         if self.fake_guidance_scale is not None and not self.fake_guidance_scale > 0:
             raise ValueError(f"VSDConfig.fake_guidance_scale: must be None (= guidance_scale) or > 0, "
                              f"got {self.fake_guidance_scale!r}")
-        if not self.regression_weight >= 0:
-            raise ValueError(f"VSDConfig.regression_weight: must be ≥ 0 (0: off), got {self.regression_weight!r}")
+        if isinstance(self.regression_weight, bool) or not 0 <= self.regression_weight < math.inf:
+            raise ValueError(f"VSDConfig.regression_weight: must be a finite number ≥ 0 (0: off), "
+                             f"got {self.regression_weight!r}")
         if (self.regression_weight > 0) != (self.regression_pairs > 0):
             raise ValueError(f"VSDConfig.regression_weight={self.regression_weight} and regression_pairs="
                              f"{self.regression_pairs}: the regression loss needs both > 0, or both 0 (off)")
+        if self.regression_weight == 0 and self.regression_teacher_steps != REGRESSION_TEACHER_STEPS:
+            raise ValueError(f"VSDConfig.regression_teacher_steps={self.regression_teacher_steps}: used only with "
+                             "regression_weight > 0")
         if not 0.0 <= self.fake_null_dropout <= 1.0:
             raise ValueError(f"VSDConfig.fake_null_dropout: must lie in [0, 1], got {self.fake_null_dropout!r}")
         if self.fake_null_dropout_mode not in NULL_DROPOUT_MODES:

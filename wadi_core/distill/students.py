@@ -144,8 +144,8 @@ def _recipe_search_by_stage(distill: DistillConfig) -> dict[str, dict[str, dict]
         **{f"recipe + guidance 4.5, 4 fake updates, training seed {seed}": {**stronger, "seed": seed}
            for seed in distill.seeds[1:]},
     }
-    pairs = dict(regression_pairs=512)  # 2.75 CPU-minutes of teacher sampling: the run stays within 30
-    full_student = dict(student_method="full", student_rank=1, student_lr=1e-4)
+    pairs = dict(regression_pairs=512)  # 2.75 CPU-minutes of teacher sampling: the run stays near the budget
+    full_student = dict(student_method="full", student_rank=1, student_lr=dict(distill.student_lrs)["full"])
     dmd = {
         "recipe + DMD regression loss 0.25 (512 teacher pairs)": {**pairs, "regression_weight": 0.25},
         "recipe + DMD regression loss 1 (512 teacher pairs)": {**pairs, "regression_weight": 1.0},
@@ -240,8 +240,11 @@ def distill(backbone, prompts: list[str], config: VSDConfig, out_dir: str | Path
         embeds = PromptEncoder(prompts, backbone.encode_prompts)
     pairs = None
     if config.regression_weight > 0:
-        pairs = teacher_pairs(backbone, prompts, config.regression_pairs, config.seed,
-                              config.regression_teacher_steps, config.guidance_scale, progress=progress)
+        from accelerate import PartialState
+
+        with PartialState().main_process_first():  # the main process samples and caches them, the others read
+            pairs = teacher_pairs(backbone, prompts, config.regression_pairs, config.seed,
+                                  config.regression_teacher_steps, config.guidance_scale, progress=progress)
     return train_vsd(backbone.denoiser, backbone.scheduler, embeds, null, config, out_dir, max_steps=max_steps,
                      progress=progress, regression_pairs=pairs)
 

@@ -54,7 +54,7 @@ def teacher_pairs(backbone, prompts: Sequence[str], pairs: int, seed: int, num_i
     uses them shares one sampling (1,024 pairs: about 5.5 CPU-minutes on one thread in the tiny world).
 
     Returns ``{"z", "cond", "targets"}``; ``cond`` is not stored but re-encoded (cheap)."""
-    prompts = list(prompts)
+    prompts = list(prompts)[:pairs]  # the captions the pairs use: a PromptEncoder-sized list is never encoded whole
     cond = prompt_embeddings(backbone, prompts)[torch.arange(pairs) % len(prompts)]
     z = torch.randn(pairs, *backbone.latent_shape, generator=torch.Generator().manual_seed(seed))
     sampled = [prompts[i % len(prompts)] for i in range(pairs)]  # sample_ddim draws the same z from ``seed``

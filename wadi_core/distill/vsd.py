@@ -182,7 +182,9 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 
 def _check_same_run(path: Path, metadata: dict[str, str], config: VSDConfig) -> None:
-    saved = json.loads(metadata["config"])
+    # A field added to VSDConfig after the checkpoint was written counts as its default there.
+    defaults = json.loads(canonical_json(VSDConfig()))
+    saved = {**defaults, **json.loads(metadata["config"])}
     current = json.loads(canonical_json(config))
     differ = sorted(k for k in set(saved) | set(current)
                     if k not in _RESUMABLE_CHANGES and saved.get(k) != current.get(k))
@@ -293,7 +295,6 @@ def build_vsd(
 
     if isinstance(prompt_embeds, torch.Tensor) and prompt_embeds.ndim != 3:
         raise ValueError(f"prompt_embeds must be (N, L, D), got shape {tuple(prompt_embeds.shape)}")
-    _check_regression_pairs(regression_pairs, config)
     torch.manual_seed(config.seed)
     # (1) Student: teacher weights + adapter at identity ("full": every parameter trainable), as `register_hooks`
     #     adapts the official student (WaDi §3.2).
@@ -325,6 +326,8 @@ def build_vsd(
     raw_student, raw_fake = accelerator.unwrap_model(student), accelerator.unwrap_model(fake)
     size = raw_student.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
+    latent_shape = (raw_student.config.in_channels, *size)
+    _check_regression_pairs(regression_pairs, config, latent_shape, tuple(null_embed.shape[-2:]))
     # θ-EMA of the student's trainable parameters (fp32, on the training device), updated after each step.
     ema = None if config.ema_decay is None else \
         {n: p.detach().float().clone() for n, p in _trainable(raw_student).items()}
@@ -334,13 +337,14 @@ def build_vsd(
         generator=torch.Generator(device="cpu").manual_seed(config.seed + accelerator.process_index),
         prompt_embeds=prompt_embeds.detach().to("cpu") if isinstance(prompt_embeds, torch.Tensor) else prompt_embeds,
         null=null_embed.reshape(1, *null_embed.shape[-2:]).to(device),
-        latent_shape=(raw_student.config.in_channels, *size),
+        latent_shape=latent_shape,
         per_process_batch=max(1, config.batch_size // accelerator.num_processes), ema=ema,
         pairs=None if regression_pairs is None else {k: v.detach().cpu() for k, v in regression_pairs.items()},
     )
 
 
-def _check_regression_pairs(pairs: dict[str, torch.Tensor] | None, config: VSDConfig) -> None:
+def _check_regression_pairs(pairs: dict[str, torch.Tensor] | None, config: VSDConfig,
+                            latent_shape: tuple[int, ...], states_shape: tuple[int, ...]) -> None:
     if config.regression_weight == 0:
         if pairs is not None:
             raise ValueError("regression pairs given but VSDConfig.regression_weight is 0 (the loss is off)")
@@ -348,10 +352,12 @@ def _check_regression_pairs(pairs: dict[str, torch.Tensor] | None, config: VSDCo
     if pairs is None or set(pairs) != {"z", "cond", "targets"}:
         raise ValueError(f"VSDConfig.regression_weight={config.regression_weight} needs regression pairs "
                          "{'z', 'cond', 'targets'} (wadi_core.distill.teacher_pairs)")
-    counts = {name: len(value) for name, value in pairs.items()}
-    if set(counts.values()) != {config.regression_pairs} or pairs["z"].shape != pairs["targets"].shape:
-        raise ValueError(f"regression pairs: VSDConfig.regression_pairs={config.regression_pairs}, got counts "
-                         f"{counts}, z {tuple(pairs['z'].shape)} and targets {tuple(pairs['targets'].shape)}")
+    shapes = {name: tuple(value.shape) for name, value in pairs.items()}
+    expected = {"z": (config.regression_pairs, *latent_shape), "targets": (config.regression_pairs, *latent_shape),
+                "cond": (config.regression_pairs, *states_shape)}
+    if shapes != expected:
+        raise ValueError(f"regression pairs: VSDConfig.regression_pairs={config.regression_pairs} and the student's "
+                         f"sample shape {latent_shape} need shapes {expected}, got {shapes}")
 
 
 def resume_vsd(state: VSDState, out_dir: str | Path) -> int | None:
