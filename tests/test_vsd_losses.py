@@ -281,8 +281,11 @@ def test_vsd_config_paper_defaults():
     assert (config.fake_warmup_steps, config.fake_updates_per_step, config.normalize_generator_grad) == (0, 1, False)
     assert (config.fake_null_dropout, config.fake_null_dropout_mode, config.generator_loss_reduction) == (
         0.1, "batch", "mean")
-    assert (config.regression_weight, config.regression_pairs) == (0.0, 0)  # DMD's regression loss: off
-    assert not {"regression_weight", "regression_pairs", "regression_teacher_steps"} & set(config.key_dict())
+    # DMD's regression loss and the regression warm-up: off, and out of the artifact keys while off.
+    assert (config.regression_weight, config.regression_pairs, config.regression_warmup_steps) == (0.0, 0, 0)
+    assert not {"regression_weight", "regression_pairs", "regression_teacher_steps",
+                "regression_warmup_steps"} & set(config.key_dict())
+    assert VSDConfig(regression_pairs=8, regression_warmup_steps=5).key_dict()["regression_warmup_steps"] == 5
     hash(config)  # frozen: usable as an artifact key
 
 
@@ -305,11 +308,13 @@ def test_vsd_config_paper_defaults():
         (dict(fake_null_dropout_mode="row"), "fake_null_dropout_mode"),
         (dict(regression_weight=-0.5, regression_pairs=8), "regression_weight"),
         (dict(regression_weight=0.5), "regression_pairs"),
-        (dict(regression_pairs=8), "regression_weight"),
+        (dict(regression_pairs=8), "regression_warmup_steps"),  # pairs with neither the loss nor the warm-up
         (dict(regression_teacher_steps=0), "regression_teacher_steps"),
         (dict(regression_teacher_steps=50), "regression_teacher_steps"),  # only with the loss on
         (dict(regression_weight=float("inf"), regression_pairs=8), "regression_weight"),
         (dict(regression_weight=True, regression_pairs=8), "regression_weight"),
+        (dict(regression_warmup_steps=5), "regression_pairs"),  # the warm-up fits the pairs
+        (dict(regression_warmup_steps=-1, regression_pairs=8), "regression_warmup_steps"),
     ],
 )
 def test_vsd_config_validation_names_field(kwargs, field):

@@ -316,7 +316,7 @@ def test_a_checkpoint_from_before_the_regression_fields_resumes(tmp_path, schedu
     path = latest_checkpoint(tmp_path)
     tensors, metadata = load_file(str(path)), safe_open(str(path), framework="pt").metadata()
     saved = json.loads(metadata["config"])
-    for name in ("regression_weight", "regression_pairs", "regression_teacher_steps"):
+    for name in ("regression_weight", "regression_pairs", "regression_teacher_steps", "regression_warmup_steps"):
         del saved[name]
     save_file(tensors, str(path), metadata={**metadata, "config": json.dumps(saved)})
     resumed = train_vsd(tiny_unet(), scheduler, embeds, null, config(), tmp_path, progress=False)
@@ -325,9 +325,70 @@ def test_a_checkpoint_from_before_the_regression_fields_resumes(tmp_path, schedu
     assert all(torch.equal(want[n], got[n]) for n in want)
 
 
+def test_regression_warmup_fits_the_student_alone_then_vsd_starts_after_the_fake_warmup(scheduler, prompts):
+    """The first ``regression_warmup_steps`` steps draw only the pairs' indices and move only the student (the
+    regression loss alone, no generator or fake-score value); the fake-score warm-up then runs before the first VSD
+    step, which is an ordinary one."""
+    embeds, null = prompts
+    pairs = teacher_pairs_of(embeds)
+    cfg = config(regression_pairs=6, regression_warmup_steps=2, fake_warmup_steps=1)
+    with torch.random.fork_rng(devices=[]):
+        state = build_vsd(tiny_unet(), scheduler, embeds, null, cfg, regression_pairs=pairs)
+        fake_before, student_before = trainable(state.raw_fake), copy.deepcopy(state.raw_student)
+        replay = torch.Generator().set_state(state.generator.get_state())
+        first = vsd_step(state)
+        index = torch.randint(0, 6, (BATCH,), generator=replay)
+        assert torch.equal(replay.get_state(), state.generator.get_state())  # the pairs' indices and nothing else
+        vsd_step(state)
+        assert all(torch.equal(fake_before[n], p) for n, p in trainable(state.raw_fake).items())
+        assert any(not torch.equal(p, q) for p, q in zip(trainable(student_before).values(),
+                                                         trainable(state.raw_student).values()))
+    with torch.no_grad():
+        x0 = one_step_x0(student_before, pairs["z"][index], pairs["cond"][index], scheduler)
+    assert first["regression_loss"] == pytest.approx(float((x0 - pairs["targets"][index]).square().mean()), rel=1e-5)
+    assert math.isnan(first["generator_loss"]) and math.isnan(first["fake_loss"])
+    assert math.isnan(first["fake_grad_norm"]) and math.isfinite(first["student_grad_norm"])
+
+
+def test_regression_warmup_resumes_bitwise_across_its_end(tmp_path, scheduler, prompts):
+    """A run stopped at the last warm-up step (its checkpoint precedes the fake-score warm-up) and resumed equals
+    the uninterrupted run; the log has the warm-up's rows with the regression loss alone, the VSD rows after them
+    without it (weight 0)."""
+    embeds, null = prompts
+    pairs = teacher_pairs_of(embeds)
+    cfg = config(steps=4, regression_pairs=6, regression_warmup_steps=2, fake_warmup_steps=1)
+    whole = train_vsd(tiny_unet(), scheduler, embeds, null, cfg, tmp_path / "A", progress=False,
+                      regression_pairs=pairs)
+    train_vsd(tiny_unet(), scheduler, embeds, null, cfg, tmp_path / "B", max_steps=2, progress=False,
+              regression_pairs=pairs)
+    resumed = train_vsd(tiny_unet(), scheduler, embeds, null, cfg, tmp_path / "B", progress=False,
+                        regression_pairs=pairs)
+    assert resumed.resumed_from == 2
+    for model in ("student", "fake"):
+        want, got = trainable(getattr(whole, model)), trainable(getattr(resumed, model))
+        assert all(torch.equal(want[n], got[n]) for n in want)
+    log = whole.log.set_index("step")
+    assert log.loc[[1, 2], "regression_loss"].notna().all() and log.loc[[1, 2], "generator_loss"].isna().all()
+    assert log.loc[[3, 4], "regression_loss"].isna().all() and log.loc[[3, 4], "generator_loss"].notna().all()
+    pd.testing.assert_frame_equal(resumed.log.drop(columns="seconds"), whole.log.drop(columns="seconds"),
+                                  check_exact=True)
+
+
+def test_a_resume_on_other_regression_pairs_is_refused(tmp_path, scheduler, prompts):
+    embeds, null = prompts
+    pairs = teacher_pairs_of(embeds)
+    cfg = config(regression_weight=1.0, regression_pairs=6)
+    train_vsd(tiny_unet(), scheduler, embeds, null, cfg, tmp_path, max_steps=2, progress=False, regression_pairs=pairs)
+    resampled = {**pairs, "targets": pairs["targets"] + 1e-3}
+    with pytest.raises(ValueError, match="other regression pairs"):
+        train_vsd(tiny_unet(), scheduler, embeds, null, cfg, tmp_path, progress=False, regression_pairs=resampled)
+    assert train_vsd(tiny_unet(), scheduler, embeds, null, cfg, tmp_path, progress=False,
+                     regression_pairs=pairs).resumed_from == 2
+
+
 @pytest.mark.parametrize("weight, count, given, match", [
     (0.5, 6, None, "needs regression pairs"),
-    (0.0, 0, 6, "regression_weight is 0"),
+    (0.0, 0, 6, "regression_pairs is 0"),
     (0.5, 5, 6, "regression_pairs=5"),
     (0.5, 6, "wrong shape", "sample shape"),
 ])

@@ -105,6 +105,11 @@ def prompts_digest(prompts: list[str]) -> str:
     return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
 
 
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 (first 16 hex digits) of a tensor's bytes: keys an artifact on the exact inputs it was made from."""
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
 def module_digest(module: torch.nn.Module) -> str:
     """SHA-256 (first 16 hex digits) of a module's parameters and buffers (names, shapes, values): keys an
     artifact on the exact weights it was derived from."""

@@ -23,7 +23,8 @@ REGRESSION_TEACHER_STEPS = 25  # DDIM steps of the teacher pairs of DMD's regres
 # Fields added after the tiny-world students were trained: an artifact key leaves them out while they hold their
 # default (which is what those students were trained with), so the bundled students stay valid.
 _KEYED_ONLY_OFF_DEFAULT = ("one_step_alpha_bar", "gradient_checkpointing", "optimizer", "fake_guidance_scale",
-                           "regression_weight", "regression_pairs", "regression_teacher_steps")
+                           "regression_weight", "regression_pairs", "regression_teacher_steps",
+                           "regression_warmup_steps")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,10 @@ class VSDConfig:
     regression_weight: float = 0.0
     regression_pairs: int = 0
     regression_teacher_steps: int = REGRESSION_TEACHER_STEPS
+    # Generator steps, counted in `steps`, at the start of the run that take the regression loss alone (MSE on the
+    # same pairs; no generator loss, no fake-score update), so that VSD starts from a student fitted to the
+    # teacher's samples instead of from the teacher (ours). The fake-score warm-up then runs after them.
+    regression_warmup_steps: int = 0
     # Runtime.
     seed: int = 0  # the official scripts use seed None (non-deterministic); ours is always fixed
     mixed_precision: str = "no"  # accelerate's setting; paper: "fp16" (SD), "bf16" (PixArt); "no" on CPU
@@ -86,7 +91,7 @@ class VSDConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"VSDConfig.{name}: must be a positive integer, got {value!r}")
-        for name in ("steps", "fake_warmup_steps", "regression_pairs"):
+        for name in ("steps", "fake_warmup_steps", "regression_pairs", "regression_warmup_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"VSDConfig.{name}: must be a non-negative integer, got {value!r}")
@@ -107,12 +112,14 @@ class VSDConfig:
         if isinstance(self.regression_weight, bool) or not 0 <= self.regression_weight < math.inf:
             raise ValueError(f"VSDConfig.regression_weight: must be a finite number ≥ 0 (0: off), "
                              f"got {self.regression_weight!r}")
-        if (self.regression_weight > 0) != (self.regression_pairs > 0):
-            raise ValueError(f"VSDConfig.regression_weight={self.regression_weight} and regression_pairs="
-                             f"{self.regression_pairs}: the regression loss needs both > 0, or both 0 (off)")
-        if self.regression_weight == 0 and self.regression_teacher_steps != REGRESSION_TEACHER_STEPS:
+        uses_pairs = self.regression_weight > 0 or self.regression_warmup_steps > 0
+        if uses_pairs != (self.regression_pairs > 0):
+            raise ValueError(f"VSDConfig.regression_weight={self.regression_weight}, regression_warmup_steps="
+                             f"{self.regression_warmup_steps} and regression_pairs={self.regression_pairs}: the "
+                             "regression loss or warm-up needs regression_pairs > 0, and pairs need one of them")
+        if self.regression_pairs == 0 and self.regression_teacher_steps != REGRESSION_TEACHER_STEPS:
             raise ValueError(f"VSDConfig.regression_teacher_steps={self.regression_teacher_steps}: used only with "
-                             "regression_weight > 0")
+                             "regression_pairs > 0")
         if not 0.0 <= self.fake_null_dropout <= 1.0:
             raise ValueError(f"VSDConfig.fake_null_dropout: must lie in [0, 1], got {self.fake_null_dropout!r}")
         if self.fake_null_dropout_mode not in NULL_DROPOUT_MODES:

@@ -214,15 +214,17 @@ EMBEDDING_CACHE_LIMIT_BYTES = 2 * 1024**3  # distill caches the prompts' text st
 def distill(backbone, prompts: list[str], config: VSDConfig, out_dir: str | Path, max_steps: int | None = None,
             progress: bool = True, cache_embeddings: bool | None = None) -> VSDResult:
     """Distil ``backbone``'s denoiser into a one-step student with VSD (WaDi §3.3), in the denoiser's space
-    (latent for SD and PixArt, pixel for the tiny world), resuming from the checkpoint in ``out_dir``.
+    (latent for SD, PixArt and the tiny SD; pixel for notebook 00's pixel worlds), resuming from the checkpoint in
+    ``out_dir``.
 
     VSD needs no images, only prompts. They are encoded once and cached (:func:`prompt_embeddings`) when their
     text states fit in :data:`EMBEDDING_CACHE_LIMIT_BYTES` (``cache_embeddings=None``), else encoded as each
     step draws them (:class:`~.vsd.PromptEncoder`), as the official ``dataset.py`` does: 1.4M JourneyDB prompts
     would take 330 GB of SD1.5 text states. A ``config.one_step_alpha_bar`` of None takes the backbone's (PixArt:
-    the official 0.0047). With ``config.regression_weight`` > 0 the teacher first samples the
-    ``config.regression_pairs`` pairs of DMD's regression loss from the prompts (:func:`~.training_data.teacher_pairs`,
-    DDIM with ``regression_teacher_steps`` steps at ``guidance_scale``, noise from ``seed``; cached).
+    the official 0.0047). With ``config.regression_pairs`` > 0 the teacher first samples the
+    ``config.regression_pairs`` pairs of DMD's regression loss and of the regression warm-up from the prompts
+    (:func:`~.training_data.teacher_pairs`, DDIM with ``regression_teacher_steps`` steps at ``guidance_scale``,
+    noise from ``seed``; cached).
 
     Raises:
         ValueError: no prompts, or a checkpoint in ``out_dir`` from another config.
@@ -234,17 +236,14 @@ def distill(backbone, prompts: list[str], config: VSDConfig, out_dir: str | Path
     null = backbone.null_embedding()
     if cache_embeddings is None:
         cache_embeddings = len(prompts) * null[0].numel() * 4 <= EMBEDDING_CACHE_LIMIT_BYTES
-    if cache_embeddings:
-        embeds = prompt_embeddings(backbone, prompts)
-    else:
-        embeds = PromptEncoder(prompts, backbone.encode_prompts)
-    pairs = None
-    if config.regression_weight > 0:
-        from accelerate import PartialState
+    from accelerate import PartialState
 
-        with PartialState().main_process_first():  # the main process samples and caches them, the others read
-            pairs = teacher_pairs(backbone, prompts, config.regression_pairs, config.seed,
-                                  config.regression_teacher_steps, config.guidance_scale, progress=progress)
+    with PartialState().main_process_first():  # under accelerate launch the main process writes the caches first
+        embeds = prompt_embeddings(backbone, prompts) if cache_embeddings else \
+            PromptEncoder(prompts, backbone.encode_prompts)
+        pairs = None if config.regression_pairs == 0 else teacher_pairs(
+            backbone, prompts, config.regression_pairs, config.seed, config.regression_teacher_steps,
+            config.guidance_scale, progress=progress)
     return train_vsd(backbone.denoiser, backbone.scheduler, embeds, null, config, out_dir, max_steps=max_steps,
                      progress=progress, regression_pairs=pairs)
 

@@ -28,7 +28,6 @@ from ..artifacts import (
     outdated_by_fresh,
     save_checkpoint,
 )
-from ..diffusion import one_step_x0
 from ..profiles import Profile
 from ..world import make_split
 from .config import VSDConfig
@@ -42,7 +41,7 @@ from .students import (
     one_step_generate,
     student_config,
 )
-from .training_data import teacher_pairs
+from .training_data import pair_x0_error, teacher_pairs
 from .vsd import _load_params, _optimizer, _trainable
 
 SWEEP_KIND = "sweep_scores"
@@ -224,18 +223,17 @@ def regression_ceiling(profile: Profile, backbone, score: Scorer, score_key: dic
     def compute() -> dict[str, float]:
         data = teacher_pairs(backbone, prompts, pairs, config.seed, sampling.num_inference_steps,
                              config.guidance_scale, sampling.batch_size, progress)
-        z, cond, targets = data["z"], data["cond"], data["targets"]
         generator = torch.Generator().manual_seed(config.seed)
         torch.randn(pairs, *backbone.latent_shape, generator=generator)  # the draw of z: batches follow it
         student = _new_student(backbone.denoiser, config)
 
-        def x0(index: torch.Tensor) -> torch.Tensor:
-            return one_step_x0(student, z[index], cond[index], backbone.scheduler, backbone.one_step_alpha_bar)
+        def error(index: torch.Tensor) -> torch.Tensor:
+            return pair_x0_error(student, data, index, backbone.scheduler, backbone.one_step_alpha_bar)
 
         @torch.no_grad()
         def mse_over_pairs() -> float:
             chunks = torch.arange(pairs).split(sampling.batch_size)
-            return sum(float((x0(i) - targets[i]).square().sum()) for i in chunks) / targets.numel()
+            return sum(float(error(i)) * len(i) for i in chunks) / pairs
 
         mse_at_init = mse_over_pairs()
         if fit_path.exists() and not outdated_by_fresh(fit_path):
@@ -247,7 +245,7 @@ def regression_ceiling(profile: Profile, backbone, score: Scorer, score_key: dic
             bar = tqdm(range(config.steps), desc=f"{method} regression to the teacher", disable=not progress)
             for _ in bar:
                 index = torch.randint(0, pairs, (config.batch_size,), generator=generator)
-                loss = torch.nn.functional.mse_loss(x0(index), targets[index])
+                loss = error(index)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                 optimizer.step()

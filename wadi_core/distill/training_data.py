@@ -23,6 +23,7 @@ from ..artifacts import (
 )
 from ..backbones.backbone import sample_ddim
 from ..backbones.sample_keys import samples_key
+from ..diffusion import one_step_x0
 
 PAIRS_KIND = "regression_pairs"
 
@@ -69,3 +70,12 @@ def teacher_pairs(backbone, prompts: Sequence[str], pairs: int, seed: int, num_i
         path.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(path, {"targets": targets.contiguous()}, key)
     return {"z": z, "cond": cond, "targets": targets}
+
+
+def pair_x0_error(student, pairs: dict[str, torch.Tensor], index: torch.Tensor, scheduler,
+                  one_step_alpha_bar: float | None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """DMD's regression loss on the pairs ``index`` of :func:`teacher_pairs`: the mean squared error between the
+    student's one-step x0 from their noise and prompts and the teacher's x0 (in float32)."""
+    x0 = one_step_x0(student, pairs["z"][index].to(device), pairs["cond"][index].to(device), scheduler,
+                     one_step_alpha_bar)
+    return torch.nn.functional.mse_loss(x0.float(), pairs["targets"][index].to(device).float())

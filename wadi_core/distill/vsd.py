@@ -18,7 +18,8 @@ Determinism: every random draw of the loop (prompt indices, z, the losses' t/ε/
 initialisation uses the global CPU RNG, which :func:`build_vsd` seeds with ``config.seed`` (:func:`train_vsd`
 runs inside a forked RNG scope, so the caller's global RNG is untouched). Order of draws per generator step:
 prompt indices (B,), z (B, C, H, W), the generator loss (t, ε), the regression pairs' indices (B,) when
-``regression_weight`` > 0, then for each fake update the fake-score loss (t, ε, dropout). A checkpoint stores
+``regression_weight`` > 0, then for each fake update the fake-score loss (t, ε, dropout); a regression warm-up
+step (``regression_warmup_steps``) draws the pairs' indices (B,) alone. A checkpoint stores
 the trainable parameters, both optimizers' states, the CPU RNG state and the loop generator's state, so that on
 CPU an interrupted run resumed to the end equals the uninterrupted run bitwise.
 
@@ -26,7 +27,8 @@ Checkpoint format (safetensors, no pickle): tensors ``student.<param>``, ``fake.
 ``optim.student.<i>.<key>``, ``optim.fake.<i>.<key>`` (AdamW state of the i-th trainable parameter),
 ``ema.<param>`` (the student's θ-EMA, when ``ema_decay`` is set),
 ``rng.torch_cpu`` and ``rng.generator`` (uint8); metadata ``format``, ``step``, ``config`` (JSON),
-``config_hash``.
+``config_hash``, and ``regression_pairs`` (a digest of the pairs, when the config uses them: a resume on other
+pairs is refused).
 """
 
 from __future__ import annotations
@@ -50,15 +52,17 @@ from torch import nn
 from tqdm import tqdm
 
 from ..adapters import inject
-from ..artifacts import atomic_path, canonical_json, config_hash
+from ..artifacts import atomic_path, canonical_json, config_hash, tensor_digest
 from ..diffusion import one_step_x0
 from .config import VSDConfig
 from .losses import fake_score_loss, generator_loss
+from .training_data import pair_x0_error
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
 CHECKPOINT_FORMAT = "wadi-vsd-checkpoint"
+_BAR_VALUES = {"g": "generator_loss", "reg": "regression_loss", "fake": "fake_loss"}  # the progress bar's, if set
 LOG_NAME = "log.csv"
 LOG_COLUMNS = ("step", "generator_loss", "regression_loss", "fake_loss", "student_grad_norm", "fake_grad_norm",
                "seconds")
@@ -103,6 +107,7 @@ class VSDState:
     per_process_batch: int
     ema: dict[str, torch.Tensor] | None  # the student's θ-EMA (fp32, on the training device) or None
     pairs: dict[str, torch.Tensor] | None  # DMD's regression pairs {"z", "cond", "targets"} on the CPU, or None
+    pairs_digest: str | None  # :func:`_pairs_digest` of ``pairs``, kept in each checkpoint
     step: int = 0  # generator steps done
     last_checkpoint: Path | None = None  # the latest checkpoint written or resumed from
 
@@ -169,6 +174,8 @@ def _write_checkpoint(path: Path, state: VSDState) -> None:
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
     metadata = {"format": CHECKPOINT_FORMAT, "step": str(state.step), "config": canonical_json(state.config),
                 "config_hash": config_hash(state.config)}
+    if state.pairs_digest is not None:
+        metadata["regression_pairs"] = state.pairs_digest
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
@@ -179,6 +186,20 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     if metadata.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a VSD checkpoint (format {metadata.get('format')!r})")
     return load_file(str(path)), metadata
+
+
+def _pairs_digest(pairs: dict[str, torch.Tensor]) -> str:
+    """One digest of the regression pairs' noise, text states and teacher samples."""
+    return "-".join(tensor_digest(pairs[name]) for name in ("z", "cond", "targets"))
+
+
+def _check_same_pairs(path: Path, metadata: dict[str, str], pairs_digest: str | None) -> None:
+    # A checkpoint written before the digest was kept has none: its pairs cannot be checked.
+    saved = metadata.get("regression_pairs")
+    if saved is not None and saved != pairs_digest:
+        raise ValueError(f"cannot resume from {path}: it was trained on other regression pairs (digest {saved} vs "
+                         f"now {pairs_digest}), e.g. sampled again on another machine; resume with the same pairs "
+                         "or use another out_dir")
 
 
 def _check_same_run(path: Path, metadata: dict[str, str], config: VSDConfig) -> None:
@@ -286,7 +307,7 @@ def build_vsd(
             for the training-step benchmark).
         regression_pairs: ``{"z", "cond", "targets"}``, ``config.regression_pairs`` (noise (N, C, H, W), text
             states (N, L, D), teacher x0 (N, C, H, W)) triples of DMD's regression loss
-            (:func:`~.training_data.teacher_pairs`); needed exactly when ``config.regression_weight`` > 0.
+            (:func:`~.training_data.teacher_pairs`); needed exactly when ``config.regression_pairs`` > 0.
 
     Raises:
         ValueError: bad shapes, or regression pairs missing, superfluous or of another count than the config's.
@@ -328,6 +349,7 @@ def build_vsd(
     size = (size, size) if isinstance(size, int) else tuple(size)
     latent_shape = (raw_student.config.in_channels, *size)
     _check_regression_pairs(regression_pairs, config, latent_shape, tuple(null_embed.shape[-2:]))
+    pairs = None if regression_pairs is None else {k: v.detach().cpu() for k, v in regression_pairs.items()}
     # θ-EMA of the student's trainable parameters (fp32, on the training device), updated after each step.
     ema = None if config.ema_decay is None else \
         {n: p.detach().float().clone() for n, p in _trainable(raw_student).items()}
@@ -339,18 +361,19 @@ def build_vsd(
         null=null_embed.reshape(1, *null_embed.shape[-2:]).to(device),
         latent_shape=latent_shape,
         per_process_batch=max(1, config.batch_size // accelerator.num_processes), ema=ema,
-        pairs=None if regression_pairs is None else {k: v.detach().cpu() for k, v in regression_pairs.items()},
+        pairs=pairs, pairs_digest=None if pairs is None else _pairs_digest(pairs),
     )
 
 
 def _check_regression_pairs(pairs: dict[str, torch.Tensor] | None, config: VSDConfig,
                             latent_shape: tuple[int, ...], states_shape: tuple[int, ...]) -> None:
-    if config.regression_weight == 0:
+    if config.regression_pairs == 0:
         if pairs is not None:
-            raise ValueError("regression pairs given but VSDConfig.regression_weight is 0 (the loss is off)")
+            raise ValueError("regression pairs given but VSDConfig.regression_pairs is 0 (the loss and the "
+                             "warm-up are off)")
         return
     if pairs is None or set(pairs) != {"z", "cond", "targets"}:
-        raise ValueError(f"VSDConfig.regression_weight={config.regression_weight} needs regression pairs "
+        raise ValueError(f"VSDConfig.regression_pairs={config.regression_pairs} needs regression pairs "
                          "{'z', 'cond', 'targets'} (wadi_core.distill.teacher_pairs)")
     shapes = {name: tuple(value.shape) for name, value in pairs.items()}
     expected = {"z": (config.regression_pairs, *latent_shape), "targets": (config.regression_pairs, *latent_shape),
@@ -367,13 +390,15 @@ def resume_vsd(state: VSDState, out_dir: str | Path) -> int | None:
     code's checkpoint hooks never fire (``docs/paper_notes.md#quirks-of-the-official-code``); this is ours.
 
     Raises:
-        ValueError: the checkpoint was written with a different config (``steps``/``checkpoint_every`` aside).
+        ValueError: the checkpoint was written with a different config (``steps``/``checkpoint_every`` aside) or
+            on other regression pairs.
     """
     path = latest_checkpoint(out_dir)
     if path is None:
         return None
     tensors, metadata = _read_checkpoint(path)
     _check_same_run(path, metadata, state.config)
+    _check_same_pairs(path, metadata, state.pairs_digest)
     _load_params(state.raw_student, tensors, "student", path)
     _load_params(state.raw_fake, tensors, "fake", path)
     _load_optimizer(state.opt_student, tensors, "optim.student")
@@ -397,11 +422,9 @@ def sample_batch(state: VSDState) -> tuple[torch.Tensor, torch.Tensor]:
 def _regression_loss(state: VSDState) -> torch.Tensor:
     """(5c'') DMD's regression loss: MSE between the student's one-step x0 and the teacher's on B pairs drawn from
     the loop generator."""
-    pairs, device = state.pairs, state.accelerator.device
-    index = torch.randint(0, len(pairs["z"]), (state.per_process_batch,), generator=state.generator)
-    x0 = one_step_x0(state.student, pairs["z"][index].to(device), pairs["cond"][index].to(device), state.scheduler,
-                     state.config.one_step_alpha_bar)
-    return torch.nn.functional.mse_loss(x0.float(), pairs["targets"][index].to(device).float())
+    index = torch.randint(0, len(state.pairs["z"]), (state.per_process_batch,), generator=state.generator)
+    return pair_x0_error(state.student, state.pairs, index, state.scheduler, state.config.one_step_alpha_bar,
+                         state.accelerator.device)
 
 
 def _fake_update(state: VSDState, x0: torch.Tensor, cond: torch.Tensor, where: str) -> tuple[float, float]:
@@ -418,9 +441,34 @@ def _fake_update(state: VSDState, x0: torch.Tensor, cond: torch.Tensor, where: s
     return value, float(norm)
 
 
+def _student_update(state: VSDState, loss: torch.Tensor) -> float:
+    """Backward, clipped AdamW step and θ-EMA of the student; returns its gradient norm before clipping."""
+    config = state.config
+    state.accelerator.backward(loss)
+    norm = state.accelerator.clip_grad_norm_(list(_trainable(state.raw_student).values()), config.grad_clip)
+    state.opt_student.step()
+    state.opt_student.zero_grad(set_to_none=True)
+    if state.ema is not None:  # (5c') θ-EMA: ema ← d·ema + (1 − d)·θ
+        with torch.no_grad():
+            for name, param in _trainable(state.raw_student).items():
+                state.ema[name].lerp_(param.detach().float(), 1.0 - config.ema_decay)
+    return float(norm)
+
+
+def _regression_warmup_step(state: VSDState, where: str) -> dict[str, float]:
+    """(5') A regression warm-up step (``config.regression_warmup_steps``): the student alone, fitted to the
+    teacher's pairs by their MSE; the real and fake scores are not called."""
+    with state.accelerator.autocast():
+        loss = _regression_loss(state)
+    value = _check_finite(loss, "regression loss", where, state.last_checkpoint)
+    s_norm = _student_update(state, loss)
+    return {"generator_loss": math.nan, "regression_loss": value, "fake_loss": math.nan,
+            "student_grad_norm": s_norm, "fake_grad_norm": math.nan}
+
+
 def warm_up_fake(state: VSDState) -> None:
-    """(5b) Optional fake-score warm-up before the first generator step (``config.fake_warmup_steps``; 0 in the
-    official loop)."""
+    """(5b) Optional fake-score warm-up before the first VSD generator step, after any regression warm-up
+    (``config.fake_warmup_steps``; 0 in the official loop)."""
     steps = state.config.fake_warmup_steps
     for warm in range(steps):
         cond, z = sample_batch(state)
@@ -432,6 +480,9 @@ def warm_up_fake(state: VSDState) -> None:
 def vsd_step(state: VSDState) -> dict[str, float]:
     """One generator step and its fake-score update(s), as the student step of ``train_dkd_sd.py`` (WaDi §3.3).
 
+    Within ``config.regression_warmup_steps`` the step is a regression warm-up step instead (the student fitted to
+    the teacher's pairs alone; generator and fake-score values NaN).
+
     Returns the values of the step's log row: generator_loss, regression_loss (NaN when off), fake_loss,
     student_grad_norm, fake_grad_norm.
 
@@ -441,6 +492,8 @@ def vsd_step(state: VSDState) -> dict[str, float]:
     config, accelerator = state.config, state.accelerator
     state.step += 1
     where = f"generator step {state.step}"
+    if state.step <= config.regression_warmup_steps:
+        return _regression_warmup_step(state, where)
     # (5a) Prompts, noise and the student's one-step sample x0 = (z − σ_T ε̂)/α_T.
     cond, z = sample_batch(state)
     with accelerator.autocast():
@@ -452,24 +505,17 @@ def vsd_step(state: VSDState) -> dict[str, float]:
                                    normalize=config.normalize_generator_grad,
                                    fake_guidance_scale=config.fake_guidance_scale)
         # (5c'') DMD's regression loss on the teacher's pairs, when on (not in the official loop).
-        r_loss = _regression_loss(state) if state.pairs is not None else None
+        r_loss = _regression_loss(state) if config.regression_weight > 0 else None
     # (7) A non-finite loss stops before any update; the last checkpoint stays as it is.
     g_value = _check_finite(g_loss, "generator loss", where, state.last_checkpoint)
     r_value = math.nan if r_loss is None else _check_finite(r_loss, "regression loss", where, state.last_checkpoint)
-    accelerator.backward(g_loss if r_loss is None else g_loss + config.regression_weight * r_loss)
-    s_norm = accelerator.clip_grad_norm_(list(_trainable(state.raw_student).values()), config.grad_clip)
-    state.opt_student.step()
-    state.opt_student.zero_grad(set_to_none=True)
-    if state.ema is not None:  # (5c') θ-EMA: ema ← d·ema + (1 − d)·θ
-        with torch.no_grad():
-            for name, param in _trainable(state.raw_student).items():
-                state.ema[name].lerp_(param.detach().float(), 1.0 - config.ema_decay)
+    s_norm = _student_update(state, g_loss if r_loss is None else g_loss + config.regression_weight * r_loss)
     state.opt_fake.zero_grad(set_to_none=True)  # nothing should have reached it; keep it clean anyway
     # (5d) Fake-score update(s) on stopgrad(x0), fresh t/ε each.
     for _ in range(config.fake_updates_per_step):
         f_value, f_norm = _fake_update(state, x0, cond, where)
     return {"generator_loss": g_value, "regression_loss": r_value, "fake_loss": f_value,
-            "student_grad_norm": float(s_norm), "fake_grad_norm": f_norm}
+            "student_grad_norm": s_norm, "fake_grad_norm": f_norm}
 
 
 def save_vsd_checkpoint(state: VSDState, out_dir: str | Path) -> Path:
@@ -526,11 +572,10 @@ def train_vsd(
         main_process = state.accelerator.is_main_process
         if main_process:
             _prepare_log(log_path, keep_until=state.step)
-        if resumed_from is None:
-            warm_up_fake(state)  # (5b), only in a fresh run
-
         bar = tqdm(total=stop, initial=state.step, desc="VSD", disable=not progress or not main_process)
         while state.step < stop:
+            if state.step == config.regression_warmup_steps:
+                warm_up_fake(state)  # (5b) before the first VSD step: a checkpoint of that step precedes it
             began = time.perf_counter()
             values = vsd_step(state)  # (5a)-(5d), (7)
             seconds = time.perf_counter() - began
@@ -539,7 +584,8 @@ def train_vsd(
                 _append_log(log_path, {"step": state.step, **{k: _fmt(v) for k, v in values.items()},
                                        "seconds": _fmt(seconds)})
             bar.update(1)
-            bar.set_postfix(g=f"{values['generator_loss']:.3g}", fake=f"{values['fake_loss']:.3g}")
+            bar.set_postfix({name: f"{values[column]:.3g}" for name, column in _BAR_VALUES.items()
+                             if not math.isnan(values[column])})
             # (8) Atomic checkpoint every checkpoint_every steps and at the stop; keep only the latest.
             if state.step % config.checkpoint_every == 0 or state.step == stop:
                 save_vsd_checkpoint(state, out_dir)

@@ -17,7 +17,6 @@ than ControlNet with its DDIM-50 teacher.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from ..artifacts import (
     load_or_train,
     module_digest,
     save_checkpoint,
+    tensor_digest,
     training_allowed,
 )
 from ..backbones.backbone import sample_ddim
@@ -241,17 +241,13 @@ def controlnet_sample(backbone, controlnet: ControlNetModel, prompts: list[str],
     return torch.cat(out)
 
 
-def _tensor_digest(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
 def controlnet_samples_key(backbone, controlnet: ControlNetModel, prompts: list[str], control: torch.Tensor,
                            num_inference_steps: int, guidance_scale: float, seed: int, batch_size: int = 128) -> dict:
     """Everything that determines :func:`controlnet_sample`'s images: :func:`~wadi_core.eval.samples.samples_key`
     plus the ControlNet's weights and the control images."""
     return {**samples_key(backbone, prompts, num_inference_steps, guidance_scale, seed, batch_size),
             "sampler": "ddim-cfg-controlnet", "controlnet": module_digest(controlnet),
-            "control": _tensor_digest(control)}
+            "control": tensor_digest(control.float())}
 
 
 def one_step_controlnet_key(student: nn.Module, backbone, controlnet: ControlNetModel, prompts: list[str],
@@ -260,7 +256,7 @@ def one_step_controlnet_key(student: nn.Module, backbone, controlnet: ControlNet
     text encoder's, VAE's and ControlNet's weights, the prompts, the control images, the seed and the scale."""
     key = {**one_step_key(backbone, prompts, seed), "student": module_digest(student),
            "sampler": "one-step-controlnet", "controlnet": module_digest(controlnet),
-           "control": _tensor_digest(control), "conditioning_scale": float(conditioning_scale)}
+           "control": tensor_digest(control.float()), "conditioning_scale": float(conditioning_scale)}
     del key["teacher"]
     return key
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ from tqdm import tqdm
 
 from ..adapters import adapter_modules, inject, merged_copy, select_layers
 from ..analysis.weights import summarize_changes, weight_changes
-from ..artifacts import TrainedModel, fields_except, load_or_train, module_digest
+from ..artifacts import TrainedModel, fields_except, load_or_train, module_digest, tensor_digest
 from ..eval.fid import image_files
 from ..optim import set_lr
 from ..profiles import DreamBoothConfig, Profile
@@ -245,11 +244,6 @@ def train_dreambooth(base: nn.Module, backbone, method: str, rank: int, exemplar
                            ("prior", kept.item())):
             log[key].append(float(value))
     return model.requires_grad_(False).eval(), log
-
-
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """A short digest of a tensor's bytes (the exemplars in a key)."""
-    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def generate(base_name: str, model: nn.Module, backbone, prompts: list[str], num_inference_steps: int,
