@@ -141,6 +141,10 @@ EXPECTED: dict[str, dict[str, dict[str, float]]] = {
         "recipe + DMD regression loss 0.05 (512 teacher pairs)": {"FID": 39.9885, "acc. objects": 0.738281},
         "recipe, full FT student (1e-4) + DMD regression loss 1 (512 teacher pairs)": {"FID": 31.46,
                                                                                        "acc. objects": 0.779297},
+        "recipe + regression warm-up 1,000 steps, then VSD 1,000 steps (512 teacher pairs)": {
+            "FID": 33.5411, "acc. objects": 0.798828},
+        "recipe, full FT student (1e-4) + regression warm-up 1,000 steps, then VSD 1,000 steps (512 teacher pairs)": {
+            "FID": 37.3397, "acc. objects": 0.8125},
     },
     "03_recipe_candidate": {  # means over the training seeds, 2,048 prompts
         "the recipe": {"FID": 28.9813, "acc. objects": 0.768717},

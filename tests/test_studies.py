@@ -35,7 +35,7 @@ from wadi_core.distill import (
     training_data,
     world_study,
 )
-from wadi_core.distill.students import COMBINATIONS, DMD_REGRESSION, FIRST_RECIPE, RECIPE
+from wadi_core.distill.students import COMBINATIONS, DMD_REGRESSION, FIRST_RECIPE, RECIPE, REGRESSION_WARMUP
 from wadi_core.distill.studies import RECIPE_KIND, record_path
 from wadi_core.distill.training_data import PAIRS_KIND
 from wadi_core.distill.vsd import _optimizer as vsd_optimizer
@@ -379,6 +379,12 @@ def test_recipe_search_scales_with_the_profile_and_is_off_for_the_paper_recipe(s
         FIRST_RECIPE, COMBINATIONS, RECIPE, DMD_REGRESSION]
     dmd = [variants[name] for name, stage in stages.items() if stage == DMD_REGRESSION]
     assert dmd and all(v["regression_weight"] > 0 and v["regression_pairs"] > 0 for v in dmd)
+    warmups = [variants[name] for name, stage in stages.items() if stage == REGRESSION_WARMUP]
+    assert [v.get("student_method", "lorad") for v in warmups] == ["lorad", "full"]
+    for warmup in warmups:  # the fit, then as many VSD steps as the recipe's, with the regression loss off after it
+        assert warmup["regression_warmup_steps"] == distill.steps == warmup["steps"] - distill.steps
+        assert warmup["regression_pairs"] > 0 and "regression_weight" not in warmup
+        student_config(distill, "lorad", **warmup)  # a valid config
     assert list(recipe_stages(replace(distill, recipe_variants=3))) == list(variants)[:3]
     study = recipe_study(smoke_profile, load_backbone(smoke_profile.backbone), {}, counting_score()[0], {},
                          progress=False)

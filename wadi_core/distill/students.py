@@ -98,11 +98,12 @@ def deviation_study(distill: DistillConfig) -> dict[str, dict]:
 
 # recipe_search's stages
 FIRST_RECIPE, COMBINATIONS, RECIPE, DMD_REGRESSION = "first recipe", "combinations", "recipe", "DMD regression loss"
+REGRESSION_WARMUP = "regression warm-up"
 
 
 def _recipe_search_by_stage(distill: DistillConfig) -> dict[str, dict[str, dict]]:
     """:func:`recipe_search`'s variants by stage (:data:`FIRST_RECIPE`, :data:`COMBINATIONS`, :data:`RECIPE`,
-    :data:`DMD_REGRESSION`), in the order they ran."""
+    :data:`DMD_REGRESSION`, :data:`REGRESSION_WARMUP`), in the order they ran."""
     half, longer = distill.steps // 2, distill.steps * 7 // 5
     first = dict(steps=half, student_rank=19, student_lr=1e-3, fake_method="lorad", fake_lr=1e-2,
                  guidance_scale=1.5, fake_guidance_scale=None)
@@ -153,7 +154,17 @@ def _recipe_search_by_stage(distill: DistillConfig) -> dict[str, dict[str, dict]
         "recipe, full FT student (1e-4) + DMD regression loss 1 (512 teacher pairs)": {
             **full_student, **pairs, "regression_weight": 1.0},
     }
-    return {FIRST_RECIPE: first_recipe, COMBINATIONS: combinations, RECIPE: recipe, DMD_REGRESSION: dmd}
+    # The student first fitted to the same pairs for as many steps as VSD then runs (a warm-up step costs about 40 %
+    # of a VSD step): VSD starts from a regression fit instead of from the teacher, as SwiftBrush v2 starts from
+    # SD-Turbo.
+    warmup = dict(**pairs, regression_warmup_steps=distill.steps, steps=2 * distill.steps)
+    warmup_name = f"regression warm-up {distill.steps:,} steps, then VSD {distill.steps:,} steps (512 teacher pairs)"
+    regression_warmup = {
+        f"recipe + {warmup_name}": warmup,
+        f"recipe, full FT student (1e-4) + {warmup_name}": {**full_student, **warmup},
+    }
+    return {FIRST_RECIPE: first_recipe, COMBINATIONS: combinations, RECIPE: recipe, DMD_REGRESSION: dmd,
+            REGRESSION_WARMUP: regression_warmup}
 
 
 def recipe_search(distill: DistillConfig) -> dict[str, dict]:
@@ -161,7 +172,8 @@ def recipe_search(distill: DistillConfig) -> dict[str, dict]:
     overrides of the WaDi student in the order it was run: first single changes to the first tiny recipe (the
     pixel world's: LoRaD r = 19 at lr 1e-3, a LoRaD fake score of rank ``fake_rank`` at 1e-2, guidance 1.5 on
     both scores, half the generator steps), then the combinations that became ``distill``'s recipe, then single
-    changes to that, then DMD's regression loss added to it (``VSDConfig.regression_weight``); the first
+    changes to that, then DMD's regression loss added to it (``VSDConfig.regression_weight``), then VSD started
+    from a regression fit (``VSDConfig.regression_warmup_steps``); the first
     ``distill.recipe_variants`` of them (all when None; none for the paper's recipe). :func:`recipe_stages` names
     the stage of each."""
     variants = {name: overrides for stage in _recipe_search_by_stage(distill).values()
