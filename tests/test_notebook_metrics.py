@@ -154,6 +154,10 @@ EXPECTED: dict[str, dict[str, dict[str, float]]] = {
         "Full FT (SwiftBrush), VSD": {"FID": 23.8907, "acc. objects": 0.819824},
         "Full FT (SwiftBrush), VSD + regression loss": {"FID": 20.7295, "acc. objects": 0.772949},
     },
+    "03_regression_warmup": {  # means over the training seeds, 2,048 prompts
+        "WaDi, the recipe": {"FID": 28.9813, "acc. objects": 0.768717},
+        "WaDi, regression warm-up then VSD": {"FID": 22.6407, "acc. objects": 0.784017},
+    },
     "03_regression_ceiling": {  # 512 prompts
         "LoRaD (WaDi), 1,024 pairs, 1,000 steps": {"FID": 55.8814, "acc. objects": 0.667969},
         "LoRaD (WaDi), 4,096 pairs, 4,000 steps": {"FID": 41.6322, "acc. objects": 0.740234},
@@ -167,6 +171,7 @@ EXPECTED: dict[str, dict[str, dict[str, float]]] = {
         "WaDi, recipe + guidance 4.5, 4 fake updates per step (mean of 3 seeds)": {"FID": 26.1459,
                                                                                     "acc. objects": 0.786458},
         "Full FT (SwiftBrush), VSD + regression loss (mean of 3 seeds)": {"FID": 20.7295, "acc. objects": 0.772949},
+        "WaDi, regression warm-up then VSD (mean of 3 seeds)": {"FID": 22.6407, "acc. objects": 0.784017},
         "Full FT (SwiftBrush) regressed on 4,096 pairs, 8,000 steps": {"FID": 12.5267, "acc. objects": 0.833984},
     },
     "03_rank_ablation": {  # means over the training seeds

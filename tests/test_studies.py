@@ -33,6 +33,7 @@ from wadi_core.distill import (
     sweep_config,
     teacher_pairs,
     training_data,
+    variant_seed_runs,
     world_study,
 )
 from wadi_core.distill.students import COMBINATIONS, DMD_REGRESSION, FIRST_RECIPE, RECIPE, REGRESSION_WARMUP
@@ -123,6 +124,18 @@ def test_recipe_study_scores_each_variant_once_with_its_overrides(smoke_profile)
     assert len(seen) == 2  # the second study read the cached records
     with pytest.raises(ValueError, match="unknown VSDConfig field"):
         recipe_study(smoke_profile, backbone, {"typo": {"fake_rnk": 2}}, score, {"scorer": "count"}, progress=False)
+
+
+def test_variant_seed_runs_train_the_variant_at_every_seed_whatever_seed_it_names(smoke_profile):
+    backbone = load_backbone(smoke_profile.backbone)
+    score, seen = counting_score()
+    seeds = smoke_profile.distill.seeds
+    runs = variant_seed_runs(smoke_profile, backbone, {"steps": 1, "seed": 99}, score, {"scorer": "variant"},
+                             progress=False)
+    assert list(runs.index) == [f"seed {seed}" for seed in seeds] and list(runs["FID"]) == [1.0, 2.0]
+    single = recipe_study(smoke_profile, backbone, {"one": {"steps": 1, "seed": seeds[1]}}, score,
+                          {"scorer": "variant"}, progress=False)
+    assert single.loc["one", "FID"] == 2.0 and len(seen) == 2  # the same record as the variant's second seed
 
 
 def test_best_lrs_picks_lowest_fid_per_method():

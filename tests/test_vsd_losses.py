@@ -315,6 +315,7 @@ def test_vsd_config_paper_defaults():
         (dict(regression_weight=True, regression_pairs=8), "regression_weight"),
         (dict(regression_warmup_steps=5), "regression_pairs"),  # the warm-up fits the pairs
         (dict(regression_warmup_steps=-1, regression_pairs=8), "regression_warmup_steps"),
+        (dict(steps=10, regression_warmup_steps=10, regression_pairs=8), "regression_warmup_steps"),  # no VSD step
     ],
 )
 def test_vsd_config_validation_names_field(kwargs, field):

@@ -57,7 +57,7 @@ class VSDConfig:
     one_step_alpha_bar: float | None = None
     ema_decay: float | None = None  # θ-EMA of the student; None = off (paper default), optional 0.999
     # Deviations from the official loop (paper-faithful values are the defaults).
-    fake_warmup_steps: int = 0  # fake-score-only steps before the first generator step
+    fake_warmup_steps: int = 0  # fake-score-only steps before the first VSD step (after any regression warm-up)
     fake_updates_per_step: int = 1  # fake-score updates per generator step (official: 1:1)
     normalize_generator_grad: bool = False  # DMD-style per-sample normalisation of g_t (official: off)
     # CFG of the fake score in the generator loss; None: guidance_scale, as the official code guides both scores.
@@ -71,7 +71,8 @@ class VSDConfig:
     regression_teacher_steps: int = REGRESSION_TEACHER_STEPS
     # Generator steps, counted in `steps`, at the start of the run that take the regression loss alone (MSE on the
     # same pairs; no generator loss, no fake-score update), so that VSD starts from a student fitted to the
-    # teacher's samples instead of from the teacher (ours). The fake-score warm-up then runs after them.
+    # teacher's samples instead of from the teacher (ours). The fake-score warm-up then runs after them; the
+    # student's AdamW moments and θ-EMA carry on from the warm-up into VSD.
     regression_warmup_steps: int = 0
     # Runtime.
     seed: int = 0  # the official scripts use seed None (non-deterministic); ours is always fixed
@@ -117,6 +118,9 @@ class VSDConfig:
             raise ValueError(f"VSDConfig.regression_weight={self.regression_weight}, regression_warmup_steps="
                              f"{self.regression_warmup_steps} and regression_pairs={self.regression_pairs}: the "
                              "regression loss or warm-up needs regression_pairs > 0, and pairs need one of them")
+        if 0 < self.steps <= self.regression_warmup_steps:
+            raise ValueError(f"VSDConfig.regression_warmup_steps={self.regression_warmup_steps} leaves no VSD step of "
+                             f"steps={self.steps}; the warm-up counts in steps")
         if self.regression_pairs == 0 and self.regression_teacher_steps != REGRESSION_TEACHER_STEPS:
             raise ValueError(f"VSDConfig.regression_teacher_steps={self.regression_teacher_steps}: used only with "
                              "regression_pairs > 0")

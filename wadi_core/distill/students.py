@@ -154,8 +154,8 @@ def _recipe_search_by_stage(distill: DistillConfig) -> dict[str, dict[str, dict]
         "recipe, full FT student (1e-4) + DMD regression loss 1 (512 teacher pairs)": {
             **full_student, **pairs, "regression_weight": 1.0},
     }
-    # The student first fitted to the same pairs for as many steps as VSD then runs (a warm-up step costs about 40 %
-    # of a VSD step): VSD starts from a regression fit instead of from the teacher, as SwiftBrush v2 starts from
+    # The student first fitted to the same pairs for as many steps as VSD then runs (a warm-up step costs about a
+    # third of a VSD step): VSD starts from a regression fit instead of from the teacher, as SwiftBrush v2 starts from
     # SD-Turbo.
     warmup = dict(**pairs, regression_warmup_steps=distill.steps, steps=2 * distill.steps)
     warmup_name = f"regression warm-up {distill.steps:,} steps, then VSD {distill.steps:,} steps (512 teacher pairs)"
@@ -182,8 +182,8 @@ def recipe_search(distill: DistillConfig) -> dict[str, dict]:
 
 
 def recipe_stages(distill: DistillConfig) -> dict[str, str]:
-    """The stage of each of :func:`recipe_search`'s variants: :data:`FIRST_RECIPE`, :data:`COMBINATIONS` or
-    :data:`RECIPE`."""
+    """The stage of each of :func:`recipe_search`'s variants: :data:`FIRST_RECIPE`, :data:`COMBINATIONS`,
+    :data:`RECIPE`, :data:`DMD_REGRESSION` or :data:`REGRESSION_WARMUP`."""
     stages = {name: stage for stage, variants in _recipe_search_by_stage(distill).items() for name in variants}
     return {name: stages[name] for name in recipe_search(distill)}
 

@@ -132,6 +132,16 @@ def recipe_study(profile: Profile, backbone, variants: Mapping[str, dict], score
     return pd.DataFrame(rows, columns=None if rows else ["variant", "steps"]).set_index("variant")
 
 
+def variant_seed_runs(profile: Profile, backbone, overrides: dict, score: Scorer, score_key: dict,
+                      method: str = "lorad", progress: bool = True) -> pd.DataFrame:
+    """:func:`recipe_study` of one recipe variant (``overrides``, its own ``seed`` dropped) at every training seed
+    of ``DistillConfig.seeds``, one row each (index ``seed <s>``): a variant set against the recipe's seed runs
+    (:func:`seed_runs`) beyond their spreads."""
+    overrides = {field: value for field, value in overrides.items() if field != "seed"}
+    variants = {f"seed {seed}": {**overrides, "seed": seed} for seed in profile.distill.seeds}
+    return recipe_study(profile, backbone, variants, score, score_key, method=method, progress=progress)
+
+
 def lr_sweep(profile: Profile, backbone, score: Scorer, score_key: dict,
              methods: Sequence[str] = STUDENT_METHODS, progress: bool = True) -> pd.DataFrame:
     """One row per (method, lr) of ``DistillConfig.lr_sweep``: the scores of :func:`sweep_point`."""
@@ -227,13 +237,14 @@ def regression_ceiling(profile: Profile, backbone, score: Scorer, score_key: dic
         torch.randn(pairs, *backbone.latent_shape, generator=generator)  # the draw of z: batches follow it
         student = _new_student(backbone.denoiser, config)
 
-        def error(index: torch.Tensor) -> torch.Tensor:
-            return pair_x0_error(student, data, index, backbone.scheduler, backbone.one_step_alpha_bar)
+        def error(index: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+            return pair_x0_error(student, data, index, backbone.scheduler, backbone.one_step_alpha_bar,
+                                 reduction=reduction)
 
         @torch.no_grad()
         def mse_over_pairs() -> float:
             chunks = torch.arange(pairs).split(sampling.batch_size)
-            return sum(float(error(i)) * len(i) for i in chunks) / pairs
+            return sum(float(error(i, "sum")) for i in chunks) / data["targets"].numel()
 
         mse_at_init = mse_over_pairs()
         if fit_path.exists() and not outdated_by_fresh(fit_path):

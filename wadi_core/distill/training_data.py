@@ -1,7 +1,7 @@
 """What a one-step student trains on: the prompts' frozen text states (VSD is image-free, WaDi §3.3) and, for DMD's
-regression loss (``VSDConfig.regression_weight``, ours, not the paper's) or the regression reference of notebook 03,
-the teacher's own (noise, prompt, x0) samples. Both are regenerable and cached in the scratch folder
-(:func:`~wadi_core.artifacts.cache_dir`), never committed."""
+regression loss and the regression warm-up (``VSDConfig.regression_weight``, ``regression_warmup_steps``; ours,
+not the paper's) or the regression reference of notebook 03, the teacher's own (noise, prompt, x0) samples. Both
+are regenerable and cached in the scratch folder (:func:`~wadi_core.artifacts.cache_dir`), never committed."""
 
 from __future__ import annotations
 
@@ -73,9 +73,10 @@ def teacher_pairs(backbone, prompts: Sequence[str], pairs: int, seed: int, num_i
 
 
 def pair_x0_error(student, pairs: dict[str, torch.Tensor], index: torch.Tensor, scheduler,
-                  one_step_alpha_bar: float | None, device: torch.device | str = "cpu") -> torch.Tensor:
-    """DMD's regression loss on the pairs ``index`` of :func:`teacher_pairs`: the mean squared error between the
-    student's one-step x0 from their noise and prompts and the teacher's x0 (in float32)."""
+                  one_step_alpha_bar: float | None, device: torch.device | str = "cpu",
+                  reduction: str = "mean") -> torch.Tensor:
+    """DMD's regression loss on the pairs ``index`` of :func:`teacher_pairs`: the squared error between the
+    student's one-step x0 from their noise and prompts and the teacher's x0 (in float32), its mean or sum."""
     x0 = one_step_x0(student, pairs["z"][index].to(device), pairs["cond"][index].to(device), scheduler,
                      one_step_alpha_bar)
-    return torch.nn.functional.mse_loss(x0.float(), pairs["targets"][index].to(device).float())
+    return torch.nn.functional.mse_loss(x0.float(), pairs["targets"][index].to(device).float(), reduction=reduction)

@@ -190,7 +190,7 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 def _pairs_digest(pairs: dict[str, torch.Tensor]) -> str:
     """One digest of the regression pairs' noise, text states and teacher samples."""
-    return "-".join(tensor_digest(pairs[name]) for name in ("z", "cond", "targets"))
+    return "-".join(tensor_digest(pairs[name].float()) for name in ("z", "cond", "targets"))  # bf16 has no numpy
 
 
 def _check_same_pairs(path: Path, metadata: dict[str, str], pairs_digest: str | None) -> None:
