@@ -145,6 +145,10 @@ EXPECTED: dict[str, dict[str, dict[str, float]]] = {
             "FID": 33.5411, "acc. objects": 0.798828},
         "recipe, full FT student (1e-4) + regression warm-up 1,000 steps, then VSD 1,000 steps (512 teacher pairs)": {
             "FID": 37.3397, "acc. objects": 0.8125},
+        "recipe + guidance 4.5 + regression warm-up 1,000 steps, then VSD 1,000 steps (512 teacher pairs)": {
+            "FID": 36.3011, "acc. objects": 0.794922},
+        "recipe + regression warm-up 1,500 steps, then VSD 1,000 steps (512 teacher pairs)": {
+            "FID": 36.8981, "acc. objects": 0.794922},
     },
     "03_recipe_candidate": {  # means over the training seeds, 2,048 prompts
         "the recipe": {"FID": 28.9813, "acc. objects": 0.768717},

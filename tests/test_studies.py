@@ -393,9 +393,9 @@ def test_recipe_search_scales_with_the_profile_and_is_off_for_the_paper_recipe(s
     dmd = [variants[name] for name, stage in stages.items() if stage == DMD_REGRESSION]
     assert dmd and all(v["regression_weight"] > 0 and v["regression_pairs"] > 0 for v in dmd)
     warmups = [variants[name] for name, stage in stages.items() if stage == REGRESSION_WARMUP]
-    assert [v.get("student_method", "lorad") for v in warmups] == ["lorad", "full"]
+    assert [v.get("student_method", "lorad") for v in warmups] == ["lorad", "full", "lorad", "lorad"]
     for warmup in warmups:  # the fit, then as many VSD steps as the recipe's, with the regression loss off after it
-        assert warmup["regression_warmup_steps"] == distill.steps == warmup["steps"] - distill.steps
+        assert warmup["steps"] - warmup["regression_warmup_steps"] == distill.steps
         assert warmup["regression_pairs"] > 0 and "regression_weight" not in warmup
         student_config(distill, "lorad", **warmup)  # a valid config
     assert list(recipe_stages(replace(distill, recipe_variants=3))) == list(variants)[:3]

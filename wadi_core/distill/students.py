@@ -159,9 +159,13 @@ def _recipe_search_by_stage(distill: DistillConfig) -> dict[str, dict[str, dict]
     # SD-Turbo.
     warmup = dict(**pairs, regression_warmup_steps=distill.steps, steps=2 * distill.steps)
     warmup_name = f"regression warm-up {distill.steps:,} steps, then VSD {distill.steps:,} steps (512 teacher pairs)"
+    longer_warmup = dict(**pairs, regression_warmup_steps=distill.steps * 3 // 2, steps=distill.steps * 5 // 2)
     regression_warmup = {
         f"recipe + {warmup_name}": warmup,
         f"recipe, full FT student (1e-4) + {warmup_name}": {**full_student, **warmup},
+        f"recipe + guidance 4.5 + {warmup_name}": {**warmup, "guidance_scale": 4.5},
+        f"recipe + regression warm-up {distill.steps * 3 // 2:,} steps, then VSD {distill.steps:,} steps "
+        "(512 teacher pairs)": longer_warmup,
     }
     return {FIRST_RECIPE: first_recipe, COMBINATIONS: combinations, RECIPE: recipe, DMD_REGRESSION: dmd,
             REGRESSION_WARMUP: regression_warmup}
