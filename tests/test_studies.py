@@ -24,6 +24,7 @@ from wadi_core.distill import (
     recipe_stages,
     recipe_study,
     regression_ceiling,
+    seed_comparison,
     seed_runs,
     seed_summary,
     student_config,
@@ -154,6 +155,21 @@ def test_seed_summary_and_spread():
     assert not beyond_spread(summary, "y", "x")  # worse, not better
     one_seed = seed_summary(pd.DataFrame({"method": ["x", "y"], "FID": [10.0, 20.0]}), "method", ["FID"])
     assert not beyond_spread(one_seed, "x", "y")  # one seed each: no spread, so no claim holds
+
+
+def test_seed_comparison_keeps_the_order_and_divides_by_the_teacher():
+    recipe = pd.DataFrame({"seed": [6, 7, 8], "FID": [30.0, 32.0, 34.0], "acc. objects": [0.7, 0.8, 0.9]})
+    variant = pd.DataFrame({"seed": [6, 7, 8], "FID": [20.0, 21.0, 22.0], "acc. objects": [0.8, 0.8, 0.8]})
+    table = seed_comparison({"z recipe": recipe, "a variant": variant}, ["FID", "acc. objects"],
+                            {"FID": 10.0, "acc. objects": 0.9, "unused": 1.0}, by="recipe")
+    assert list(table.index) == ["z recipe", "a variant"] and table.index.name == "recipe"
+    assert table.loc["z recipe", "FID ±"] == pytest.approx(2.0) and table.loc["a variant", "seeds"] == 3
+    assert table.loc["a variant", "FID / teacher"] == pytest.approx(2.1)
+    assert table.loc["z recipe", "acc. objects / teacher"] == pytest.approx(0.8 / 0.9)
+    assert beyond_spread(table, "a variant", "z recipe")  # 11 apart, spreads 2 + 1
+    assert "seed" not in table.columns and "unused / teacher" not in table.columns
+    with pytest.raises(KeyError):
+        seed_comparison({"a": recipe}, ["FID"], {"acc. objects": 0.9}, ratios=["FID"])
 
 
 def test_seed_runs_score_each_seed_and_bundle_the_profiles_own(smoke_profile):

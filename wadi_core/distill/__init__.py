@@ -67,6 +67,7 @@ from .studies import (  # noqa: E402
     record_key,
     record_path,
     regression_ceiling,
+    seed_comparison,
     seed_runs,
     seed_summary,
     student_scores,
@@ -78,8 +79,8 @@ from .studies import (  # noqa: E402
 )
 
 __all__ += ["beyond_spread", "best_lrs", "lr_sweep", "recipe_study", "record_key", "record_path", "regression_ceiling",
-            "seed_runs", "seed_summary", "student_scores", "sweep_config", "sweep_point", "variant_seed_runs",
-            "world_recipes", "world_study"]
+            "seed_comparison", "seed_runs", "seed_summary", "student_scores", "sweep_config", "sweep_point",
+            "variant_seed_runs", "world_recipes", "world_study"]
 
 from .training_data import pair_x0_error, prompt_embeddings, teacher_pairs  # noqa: E402
 

@@ -190,6 +190,18 @@ def seed_summary(runs: pd.DataFrame, by: str | Sequence[str], metrics: Sequence[
     return summary[[c for metric in metrics for c in (metric, f"{metric} ±")] + ["seeds"]]
 
 
+def seed_comparison(runs: Mapping[str, pd.DataFrame], metrics: Sequence[str], teacher: Mapping[str, float],
+                    ratios: Sequence[str] = ("FID", "acc. objects"), by: str = "student") -> pd.DataFrame:
+    """:func:`seed_summary` of several students' seed runs (``{label: runs}``, one row per seed each), one row per
+    label in the given order (index ``by``), with ``<metric> / teacher`` columns for each of ``ratios``: the
+    tables that set a variant against the recipe over seeds, and both against the teacher's quality bar."""
+    labelled = pd.concat([label_runs.assign(**{by: label}) for label, label_runs in runs.items()])
+    table = seed_summary(labelled, by, metrics)
+    for metric in ratios:
+        table[f"{metric} / teacher"] = table[metric] / teacher[metric]
+    return table
+
+
 def beyond_spread(summary: pd.DataFrame, better: Hashable, worse: Hashable, metric: str = "FID",
                   lower_is_better: bool = True) -> bool:
     """True when group ``better`` beats ``worse`` on ``metric`` by more than the two spreads together
