@@ -149,6 +149,14 @@ EXPECTED: dict[str, dict[str, dict[str, float]]] = {
             "FID": 36.3011, "acc. objects": 0.794922},
         "recipe + regression warm-up 1,500 steps, then VSD 1,000 steps (512 teacher pairs)": {
             "FID": 36.8981, "acc. objects": 0.794922},
+        "recipe + regression warm-up 1,000 steps on 1,024 teacher pairs, then VSD 1,000 steps": {
+            "FID": 35.9493, "acc. objects": 0.791016},
+        "recipe + regression warm-up 1,000 steps, then VSD 1,000 steps (512 teacher pairs), DMD regression loss 1 "
+        "during VSD": {"FID": 42.0218, "acc. objects": 0.722656},
+        "recipe at LoRaD r = 30 + regression warm-up 1,000 steps, then VSD 1,000 steps (512 teacher pairs)": {
+            "FID": 35.9998, "acc. objects": 0.785156},
+        "recipe + regression warm-up 500 steps, then VSD 1,000 steps (512 teacher pairs)": {
+            "FID": 36.6207, "acc. objects": 0.769531},
     },
     "03_recipe_candidate": {  # means over the training seeds, 2,048 prompts
         "the recipe": {"FID": 28.9813, "acc. objects": 0.768717},

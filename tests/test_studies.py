@@ -409,11 +409,15 @@ def test_recipe_search_scales_with_the_profile_and_is_off_for_the_paper_recipe(s
     dmd = [variants[name] for name, stage in stages.items() if stage == DMD_REGRESSION]
     assert dmd and all(v["regression_weight"] > 0 and v["regression_pairs"] > 0 for v in dmd)
     warmups = [variants[name] for name, stage in stages.items() if stage == REGRESSION_WARMUP]
-    assert [v.get("student_method", "lorad") for v in warmups] == ["lorad", "full", "lorad", "lorad"]
-    for warmup in warmups:  # the fit, then as many VSD steps as the recipe's, with the regression loss off after it
+    assert [v.get("student_method", "lorad") for v in warmups] == ["lorad", "full"] + ["lorad"] * 6
+    for warmup in warmups:  # the fit, then as many VSD steps as the recipe's
         assert warmup["steps"] - warmup["regression_warmup_steps"] == distill.steps
-        assert warmup["regression_pairs"] > 0 and "regression_weight" not in warmup
+        assert warmup["regression_pairs"] > 0
         student_config(distill, "lorad", **warmup)  # a valid config
+    # the regression loss stays off after the fit but in one variant; one variant at twice the recipe's LoRaD rank
+    assert [w.get("regression_weight", 0.0) for w in warmups].count(1.0) == 1
+    assert [w.get("student_rank") for w in warmups if w.get("student_method") != "full"].count(
+        2 * distill.student_rank) == 1
     assert list(recipe_stages(replace(distill, recipe_variants=3))) == list(variants)[:3]
     study = recipe_study(smoke_profile, load_backbone(smoke_profile.backbone), {}, counting_score()[0], {},
                          progress=False)

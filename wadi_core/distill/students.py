@@ -160,12 +160,20 @@ def _recipe_search_by_stage(distill: DistillConfig) -> dict[str, dict[str, dict]
     warmup = dict(**pairs, regression_warmup_steps=distill.steps, steps=2 * distill.steps)
     warmup_name = f"regression warm-up {distill.steps:,} steps, then VSD {distill.steps:,} steps (512 teacher pairs)"
     longer_warmup = dict(**pairs, regression_warmup_steps=distill.steps * 3 // 2, steps=distill.steps * 5 // 2)
+    shorter_warmup = dict(**pairs, regression_warmup_steps=half, steps=distill.steps + half)
     regression_warmup = {
         f"recipe + {warmup_name}": warmup,
         f"recipe, full FT student (1e-4) + {warmup_name}": {**full_student, **warmup},
         f"recipe + guidance 4.5 + {warmup_name}": {**warmup, "guidance_scale": 4.5},
         f"recipe + regression warm-up {distill.steps * 3 // 2:,} steps, then VSD {distill.steps:,} steps "
         "(512 teacher pairs)": longer_warmup,
+        f"recipe + regression warm-up {distill.steps:,} steps on 1,024 teacher pairs, then VSD {distill.steps:,} "
+        "steps": {**warmup, "regression_pairs": 1024},
+        f"recipe + {warmup_name}, DMD regression loss 1 during VSD": {**warmup, "regression_weight": 1.0},
+        f"recipe at LoRaD r = {2 * distill.student_rank} + {warmup_name}": {
+            **warmup, "student_rank": 2 * distill.student_rank},
+        f"recipe + regression warm-up {half:,} steps, then VSD {distill.steps:,} steps (512 teacher pairs)":
+            shorter_warmup,
     }
     return {FIRST_RECIPE: first_recipe, COMBINATIONS: combinations, RECIPE: recipe, DMD_REGRESSION: dmd,
             REGRESSION_WARMUP: regression_warmup}
