@@ -157,6 +157,8 @@ EXPECTED: dict[str, dict[str, dict[str, float]]] = {
             "FID": 35.9998, "acc. objects": 0.785156},
         "recipe + regression warm-up 500 steps, then VSD 1,000 steps (512 teacher pairs)": {
             "FID": 36.6207, "acc. objects": 0.769531},
+        "recipe + guidance 4.5, 4 fake updates per step + regression warm-up 1,000 steps, then VSD 1,000 steps "
+        "(512 teacher pairs)": {"FID": 31.6483, "acc. objects": 0.783203},
     },
     "03_recipe_candidate": {  # means over the training seeds, 2,048 prompts
         "the recipe": {"FID": 28.9813, "acc. objects": 0.768717},

@@ -409,7 +409,7 @@ def test_recipe_search_scales_with_the_profile_and_is_off_for_the_paper_recipe(s
     dmd = [variants[name] for name, stage in stages.items() if stage == DMD_REGRESSION]
     assert dmd and all(v["regression_weight"] > 0 and v["regression_pairs"] > 0 for v in dmd)
     warmups = [variants[name] for name, stage in stages.items() if stage == REGRESSION_WARMUP]
-    assert [v.get("student_method", "lorad") for v in warmups] == ["lorad", "full"] + ["lorad"] * 6
+    assert [v.get("student_method", "lorad") for v in warmups] == ["lorad", "full"] + ["lorad"] * 7
     for warmup in warmups:  # the fit, then as many VSD steps as the recipe's
         assert warmup["steps"] - warmup["regression_warmup_steps"] == distill.steps
         assert warmup["regression_pairs"] > 0

@@ -174,6 +174,7 @@ def _recipe_search_by_stage(distill: DistillConfig) -> dict[str, dict[str, dict]
             **warmup, "student_rank": 2 * distill.student_rank},
         f"recipe + regression warm-up {half:,} steps, then VSD {distill.steps:,} steps (512 teacher pairs)":
             shorter_warmup,
+        f"recipe + guidance 4.5, 4 fake updates per step + {warmup_name}": {**warmup, **stronger},
     }
     return {FIRST_RECIPE: first_recipe, COMBINATIONS: combinations, RECIPE: recipe, DMD_REGRESSION: dmd,
             REGRESSION_WARMUP: regression_warmup}
