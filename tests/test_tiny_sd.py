@@ -32,7 +32,9 @@ from wadi_core.backbones.tiny_sd import (
 )
 from wadi_core.backbones.tiny_vae import load_or_train_tiny_vae
 from wadi_core.distill import export_student, one_step_generate
+from wadi_core.eval import attribute_accuracy, load_or_train_feature_net
 from wadi_core.profiles import get_profile
+from wadi_core.world import make_split
 
 
 @pytest.fixture(scope="module")
@@ -243,3 +245,19 @@ def test_fresh_rebuilds_the_folder_with_the_retrained_artifacts(tiny_sd, latent,
     again = _built_at(folder)
     load_or_build_tiny_sd_folder(profile, load_or_train_tiny_clip(profile))  # the same run: built once
     assert _built_at(folder) == again
+
+
+def test_the_bundled_tiny_sd_draws_its_prompts_in_stock_diffusers(monkeypatch):
+    """``data/tiny_sd`` as it ships, loaded by stock diffusers offline: the attribute reader reads the prompts'
+    objects back from its 25-step samples, as it does from the teacher's in notebook 00."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("WADI_DATA_DIR", raising=False)  # the repository's data/, not the smoke fixture's
+    profile = get_profile("tiny")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_folder(profile))
+    prompts = make_split("coco14-like", profile.world).captions[:32]
+    images = pipe(prompts, num_inference_steps=profile.sampling.num_inference_steps,
+                  guidance_scale=profile.sampling.guidance_scale, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (32, 3, profile.world.resolution, profile.world.resolution)
+    accuracy = attribute_accuracy(load_or_train_feature_net(profile).model, images, prompts)
+    assert accuracy["objects"] >= 0.7
