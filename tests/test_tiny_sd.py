@@ -248,10 +248,11 @@ def test_fresh_rebuilds_the_folder_with_the_retrained_artifacts(tiny_sd, latent,
 
 
 def test_the_bundled_tiny_sd_draws_its_prompts_in_stock_diffusers(monkeypatch):
-    """``data/tiny_sd`` as it ships, loaded by stock diffusers offline: the attribute reader reads the prompts'
+    """``data/tiny_sd`` as it ships, loaded by stock diffusers from its folder: the attribute reader reads the prompts'
     objects back from its 25-step samples, as it does from the teacher's in notebook 00."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("WADI_DATA_DIR", raising=False)  # the repository's data/, not the smoke fixture's
+    monkeypatch.delenv("WADI_FRESH", raising=False)
+    monkeypatch.setenv("WADI_NO_TRAIN", "1")  # a missing or stale bundled reader fails instead of retraining
     profile = get_profile("tiny")
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_folder(profile))
     prompts = make_split("coco14-like", profile.world).captions[:32]
