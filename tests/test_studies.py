@@ -19,6 +19,7 @@ from wadi_core.distill import (
     beyond_spread,
     load_or_train_student,
     lr_sweep,
+    mean_spread,
     one_step_generate,
     recipe_search,
     recipe_stages,
@@ -153,6 +154,7 @@ def test_seed_summary_and_spread():
     assert beyond_spread(summary, "x", "y")  # 10 apart, spreads 1 + 1
     assert not beyond_spread(summary, "x", "z")  # 1.5 apart < 2
     assert not beyond_spread(summary, "y", "x")  # worse, not better
+    assert mean_spread(summary.loc["z"]) == "12.5 ± 1.0"
     one_seed = seed_summary(pd.DataFrame({"method": ["x", "y"], "FID": [10.0, 20.0]}), "method", ["FID"])
     assert not beyond_spread(one_seed, "x", "y")  # one seed each: no spread, so no claim holds
 

@@ -63,6 +63,7 @@ from .studies import (  # noqa: E402
     best_lrs,
     beyond_spread,
     lr_sweep,
+    mean_spread,
     recipe_study,
     record_key,
     record_path,
@@ -78,9 +79,9 @@ from .studies import (  # noqa: E402
     world_study,
 )
 
-__all__ += ["beyond_spread", "best_lrs", "lr_sweep", "recipe_study", "record_key", "record_path", "regression_ceiling",
-            "seed_comparison", "seed_runs", "seed_summary", "student_scores", "sweep_config", "sweep_point",
-            "variant_seed_runs", "world_recipes", "world_study"]
+__all__ += ["beyond_spread", "best_lrs", "lr_sweep", "mean_spread", "recipe_study", "record_key", "record_path",
+            "regression_ceiling", "seed_comparison", "seed_runs", "seed_summary", "student_scores", "sweep_config",
+            "sweep_point", "variant_seed_runs", "world_recipes", "world_study"]
 
 from .training_data import pair_x0_error, prompt_embeddings, teacher_pairs  # noqa: E402
 

@@ -157,23 +157,24 @@ def _recipe_search_by_stage(distill: DistillConfig) -> dict[str, dict[str, dict]
     # The student first fitted to the same pairs for as many steps as VSD then runs (a warm-up step costs about a
     # third of a VSD step): VSD starts from a regression fit instead of from the teacher, as SwiftBrush v2 starts from
     # SD-Turbo.
-    warmup = dict(**pairs, regression_warmup_steps=distill.steps, steps=2 * distill.steps)
-    warmup_name = f"regression warm-up {distill.steps:,} steps, then VSD {distill.steps:,} steps (512 teacher pairs)"
-    longer_warmup = dict(**pairs, regression_warmup_steps=distill.steps * 3 // 2, steps=distill.steps * 5 // 2)
-    shorter_warmup = dict(**pairs, regression_warmup_steps=half, steps=distill.steps + half)
+    def warmup_of(fit_steps: int) -> dict:  # fit_steps of regression, then the recipe's VSD steps
+        return dict(**pairs, regression_warmup_steps=fit_steps, steps=fit_steps + distill.steps)
+
+    def warmup_label(fit_steps: int) -> str:
+        return f"regression warm-up {fit_steps:,} steps, then VSD {distill.steps:,} steps (512 teacher pairs)"
+
+    warmup, warmup_name, longer = warmup_of(distill.steps), warmup_label(distill.steps), distill.steps * 3 // 2
     regression_warmup = {
         f"recipe + {warmup_name}": warmup,
         f"recipe, full FT student (1e-4) + {warmup_name}": {**full_student, **warmup},
         f"recipe + guidance 4.5 + {warmup_name}": {**warmup, "guidance_scale": 4.5},
-        f"recipe + regression warm-up {distill.steps * 3 // 2:,} steps, then VSD {distill.steps:,} steps "
-        "(512 teacher pairs)": longer_warmup,
+        f"recipe + {warmup_label(longer)}": warmup_of(longer),
         f"recipe + regression warm-up {distill.steps:,} steps on 1,024 teacher pairs, then VSD {distill.steps:,} "
         "steps": {**warmup, "regression_pairs": 1024},
         f"recipe + {warmup_name}, DMD regression loss 1 during VSD": {**warmup, "regression_weight": 1.0},
         f"recipe at LoRaD r = {2 * distill.student_rank} + {warmup_name}": {
             **warmup, "student_rank": 2 * distill.student_rank},
-        f"recipe + regression warm-up {half:,} steps, then VSD {distill.steps:,} steps (512 teacher pairs)":
-            shorter_warmup,
+        f"recipe + {warmup_label(half)}": warmup_of(half),
         f"recipe + guidance 4.5, 4 fake updates per step + {warmup_name}": {**warmup, **stronger},
     }
     return {FIRST_RECIPE: first_recipe, COMBINATIONS: combinations, RECIPE: recipe, DMD_REGRESSION: dmd,

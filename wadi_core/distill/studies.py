@@ -190,6 +190,12 @@ def seed_summary(runs: pd.DataFrame, by: str | Sequence[str], metrics: Sequence[
     return summary[[c for metric in metrics for c in (metric, f"{metric} ±")] + ["seeds"]]
 
 
+def mean_spread(group: pd.Series, metric: str = "FID") -> str:
+    """``"<mean> ± <spread>"`` of ``metric`` in one group (row) of a :func:`seed_summary` table, to one decimal: how
+    a claim states a mean over seeds."""
+    return f"{group[metric]:.1f} ± {group[f'{metric} ±']:.1f}"
+
+
 def seed_comparison(runs: Mapping[str, pd.DataFrame], metrics: Sequence[str], teacher: Mapping[str, float],
                     ratios: Sequence[str] = ("FID", "acc. objects"), by: str = "student") -> pd.DataFrame:
     """:func:`seed_summary` of several students' seed runs (``{label: runs}``, one row per seed each), one row per
